@@ -1,0 +1,118 @@
+"""The application: shared state (`Relay`), routes, the watchdog tick and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from tornado.ioloop import PeriodicCallback
+from tornado.web import Application
+
+from relay import demo, handlers
+from relay.config import Settings
+from relay.errors import RelayError
+from relay.metrics import Metrics
+from relay.sessions import MemoryStore
+from relay.upstream import Upstream
+
+log = logging.getLogger("relay")
+
+DEMO_PATH = "/demo/v1"
+
+
+class Watched(Protocol):
+    """An open client stream, as the watchdog sees it."""
+
+    def check(self, now: float) -> None: ...
+
+
+class Relay:
+    """What every handler shares: settings, the session store, the upstream and metrics.
+
+    It also owns the two periodic jobs: the prune run (``--prune-interval``) and
+    a short watchdog tick for heartbeats, send timeouts and upstream idle
+    timeouts, so no per-event timer is ever armed.
+    """
+
+    def __init__(self, settings: Settings, upstream_url: str) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = MemoryStore(settings.session_ttl)
+        self.upstream = Upstream(settings, upstream_url, self.metrics)
+        self.streams: set[Watched] = set()
+        self.metrics.bind(
+            streams=lambda: len(self.streams),
+            sessions=lambda: len(self.store),
+            cooling=self.upstream.keys.cooling,
+        )
+        tick = min(
+            1.0,
+            settings.heartbeat,
+            settings.upstream_idle_timeout,
+            settings.send_timeout,
+        )
+        self._tick = PeriodicCallback(self._check, max(tick / 4, 0.02) * 1000)
+        self._prune = PeriodicCallback(self.prune, settings.prune_interval * 1000)
+
+    def start(self) -> None:
+        self._tick.start()
+        self._prune.start()
+
+    def prune(self) -> None:
+        removed = self.store.prune()
+        if removed:
+            log.info("pruned %d expired sessions", removed)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        self.upstream.check(now)
+        for stream in list(self.streams):
+            stream.check(now)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Tell open streams (``event: error`` code ``shutdown``), cancel upstream calls."""
+        self._prune.stop()
+        for session in self.store:
+            session.cancel(RelayError(503, "shutdown", "the server is shutting down"))
+        deadline = time.monotonic() + grace
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._tick.stop()
+        self.upstream.close()
+
+
+def make_app(settings: Settings, self_url: str) -> Application:
+    """Build the Tornado application. ``self_url`` is where this server can reach
+    itself (``http://127.0.0.1:PORT``): the demo upstream lives there."""
+    upstream_url = settings.upstream or self_url + DEMO_PATH
+    relay = Relay(settings, upstream_url)
+    args = {"relay": relay}
+    routes = [
+        (r"/", handlers.IndexHandler, args),
+        (r"/aianswer/robots", handlers.RobotsHandler, args),
+        (r"/aianswer/streamAsk", handlers.StreamAskHandler, args),
+        (r"/aianswer/sessions", handlers.SessionsHandler, args),
+        (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler, args),
+        (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler, args),
+        (r"/healthz", handlers.HealthHandler, args),
+        (r"/metrics", handlers.MetricsHandler, args),
+    ]
+    if settings.upstream is None:
+        routes.append(
+            (
+                DEMO_PATH + "/chat/completions",
+                demo.DemoCompletionsHandler,
+                {"token_delay": settings.demo_token_delay},
+            )
+        )
+    app = Application(
+        routes,
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args=args,
+        static_path=handlers.STATIC_DIR,
+        relay=relay,
+    )
+    relay.start()
+    return app

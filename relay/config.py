@@ -1,0 +1,315 @@
+"""Configuration: flags, ``RELAY_*`` environment variables and ``conf/relay.conf``.
+
+Precedence is flag > environment > file > default. Flags use tornado.options'
+``--name=value`` form and its type parsing, so ``--api-keys=a,b`` and
+``RELAY_API_KEYS=a,b`` give the same list. The config file is TOML (read with
+the standard library's ``tomllib``) rather than tornado's executable Python
+config files: it holds the robots table, and a config file should never run code.
+
+Anything wrong (an unknown flag, file key or ``RELAY_`` variable, a value of the
+wrong type or out of range) raises `ConfigError` with a one-line message; the
+entry point prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tornado.options import Error as OptionsError
+from tornado.options import OptionParser
+
+DEFAULT_CONFIG = "conf/relay.conf"
+ENV_PREFIX = "RELAY_"
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit for one line on stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class Robot:
+    """One chat persona from the ``[[robots]]`` table of the config file."""
+
+    robot_id: str
+    name: str
+    model: str | None = None
+    system_prompt: str = ""
+    temperature: float | None = None
+    top_p: float | None = None
+
+
+DEFAULT_ROBOTS = (Robot("1", "Assistant", system_prompt="You are a helpful assistant."),)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the relay, resolved and validated. See the README's flags table."""
+
+    host: str = "127.0.0.1"
+    port: int = 8888
+    upstream: str | None = None
+    api_keys: tuple[str, ...] = ()
+    key_strategy: str = "random"
+    model: str = "gpt-4o-mini"
+    session_ttl: float = 300.0
+    prune_interval: float = 300.0
+    heartbeat: float = 15.0
+    pace_ms: int = 0
+    upstream_connect_timeout: float = 30.0
+    upstream_idle_timeout: float = 60.0
+    upstream_timeout: float = 600.0
+    max_streams: int = 10000
+    rate_limit: int = 0
+    send_timeout: float = 30.0
+    auth_tokens: Mapping[str, str] = field(default_factory=dict)
+    cors_origins: tuple[str, ...] = ()
+    store: str = "memory"
+    workers: int = 1
+    robots: tuple[Robot, ...] = DEFAULT_ROBOTS
+    demo_token_delay: float = 0.02
+
+    def robot(self, robot_id: str) -> Robot | None:
+        for robot in self.robots:
+            if robot.robot_id == robot_id:
+                return robot
+        return None
+
+    def __repr__(self) -> str:
+        # Keys and tokens must never reach a log line, even through a repr.
+        return f"Settings(host={self.host!r}, port={self.port}, upstream={self.upstream!r}, ...)"
+
+
+def _define(parser: OptionParser) -> None:
+    d = parser.define
+    d(
+        "config",
+        type=str,
+        help="TOML config file (default conf/relay.conf when present)",
+    )
+    d("host", default="127.0.0.1", type=str, help="address to listen on")
+    d("port", default=8888, type=int, help="port to listen on")
+    d(
+        "upstream",
+        type=str,
+        help="base URL of an OpenAI-compatible API (default: embedded demo)",
+    )
+    d("api_keys", type=str, multiple=True, help="comma-separated upstream API keys")
+    d("key_strategy", default="random", type=str, help="random or round_robin")
+    d("model", default="gpt-4o-mini", type=str, help="model for robots that name none")
+    d(
+        "session_ttl",
+        default=300.0,
+        type=float,
+        help="seconds a session lives after activity",
+    )
+    d("prune_interval", default=300.0, type=float, help="seconds between prune runs")
+    d(
+        "heartbeat",
+        default=15.0,
+        type=float,
+        help="seconds of silence before a ': ping'",
+    )
+    d("pace_ms", default=0, type=int, help="delay between relayed content events")
+    d(
+        "upstream_connect_timeout",
+        default=30.0,
+        type=float,
+        help="seconds to connect upstream",
+    )
+    d(
+        "upstream_idle_timeout",
+        default=60.0,
+        type=float,
+        help="seconds of upstream silence",
+    )
+    d(
+        "upstream_timeout",
+        default=600.0,
+        type=float,
+        help="seconds an upstream call may last",
+    )
+    d("max_streams", default=10000, type=int, help="concurrent client streams")
+    d(
+        "rate_limit",
+        default=0,
+        type=int,
+        help="new streams per minute per client (0: off)",
+    )
+    d(
+        "send_timeout",
+        default=30.0,
+        type=float,
+        help="seconds a client may leave data undrained",
+    )
+    d("auth_tokens", type=str, multiple=True, help="token:userId,... (default: open)")
+    d("cors_origins", type=str, multiple=True, help="allowed CORS origins")
+    d("store", default="memory", type=str, help="memory or redis://host:port/db")
+    d(
+        "workers",
+        default=1,
+        type=int,
+        help="processes serving the port (0: one per core)",
+    )
+    d("demo_token_delay", default=0.02, type=float, help="seconds between demo tokens")
+
+
+def _apply_strings(parser: OptionParser, triples: Sequence[tuple[str, str, str]]) -> None:
+    """Set options from (name, value, where-it-came-from) strings with tornado's type parsing."""
+    for name, value, where in triples:
+        if name not in parser or name == "help":
+            raise ConfigError(f"unknown {where}")
+        try:
+            parser.parse_command_line(["relay", f"--{name}={value}"], final=False)
+        except (OptionsError, ValueError):
+            raise ConfigError(f"bad value for {where}") from None
+
+
+def _split_args(argv: Sequence[str]) -> list[tuple[str, str, str]]:
+    triples = []
+    for arg in argv:
+        name, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("--") or not equals:
+            raise ConfigError(f"flags take the form --name=value, got {arg.split('=')[0]!r}")
+        triples.append((name, value, f"flag --{name}"))
+    return triples
+
+
+def _read_file(path: str, explicit: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file not found: {path}") from None
+        return {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _apply_file(parser: OptionParser, values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        if name == "robots":
+            continue
+        if name not in parser or name in ("help", "config"):
+            raise ConfigError(f"unknown config file key {name!r}")
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        _apply_strings(parser, [(name, str(value), f"config file key {name!r}")])
+
+
+def _robots(raw: Any, path: str) -> tuple[Robot, ...]:
+    if raw is None:
+        return DEFAULT_ROBOTS
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: robots must be a non-empty array of tables")
+    robots = []
+    for entry in raw:
+        try:
+            robot = Robot(
+                robot_id=str(entry["robotId"]),
+                name=str(entry["robotName"]),
+                model=entry.get("model"),
+                system_prompt=str(entry.get("systemPrompt", "")),
+                temperature=_opt_float(entry.get("temperature")),
+                top_p=_opt_float(entry.get("topP")),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}: each robot needs robotId and robotName") from None
+        robots.append(robot)
+    if len({r.robot_id for r in robots}) != len(robots):
+        raise ConfigError(f"{path}: robotId values must be unique")
+    return tuple(robots)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _auth_tokens(entries: list[str]) -> dict[str, str]:
+    tokens = {}
+    for entry in entries:
+        token, sep, user = entry.partition(":")
+        if not sep or not token or not user:
+            raise ConfigError("--auth-tokens takes token:userId pairs separated by commas")
+        tokens[token] = user
+    return tokens
+
+
+def _validate(s: Settings) -> None:
+    if not 0 <= s.port <= 65535:
+        raise ConfigError("--port must be between 0 and 65535")
+    if s.key_strategy not in ("random", "round_robin"):
+        raise ConfigError("--key-strategy must be random or round_robin")
+    if s.upstream is not None and not s.upstream.startswith(("http://", "https://")):
+        raise ConfigError("--upstream must be an http:// or https:// URL")
+    positive = (
+        "session_ttl",
+        "prune_interval",
+        "heartbeat",
+        "upstream_connect_timeout",
+        "upstream_idle_timeout",
+        "upstream_timeout",
+        "send_timeout",
+        "max_streams",
+    )
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("pace_ms", "rate_limit", "workers"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+    if s.store != "memory" and not s.store.startswith("redis://"):
+        raise ConfigError("--store must be memory or redis://host:port/db")
+
+
+def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve settings from flags (``argv`` without the program name), env and file."""
+    environ = os.environ if environ is None else environ
+    parser = OptionParser()
+    _define(parser)
+    flags = _split_args(argv)
+    env = [
+        (key[len(ENV_PREFIX) :].lower(), value, f"environment variable {key}")
+        for key, value in environ.items()
+        if key.startswith(ENV_PREFIX)
+    ]
+    # The config file's name itself follows the same precedence.
+    named = {parser_name.replace("-", "_"): v for parser_name, v, _ in env + flags}
+    path = named.get("config")
+    data = _read_file(path or DEFAULT_CONFIG, explicit=path is not None)
+    _apply_file(parser, data)
+    _apply_strings(parser, env)
+    _apply_strings(parser, flags)
+    o = parser.as_dict()
+    settings = Settings(
+        host=o["host"],
+        port=o["port"],
+        upstream=o["upstream"].rstrip("/") if o["upstream"] else None,
+        api_keys=tuple(k.strip() for k in o["api_keys"] if k.strip()),
+        key_strategy=o["key_strategy"],
+        model=o["model"],
+        session_ttl=o["session_ttl"],
+        prune_interval=o["prune_interval"],
+        heartbeat=o["heartbeat"],
+        pace_ms=o["pace_ms"],
+        upstream_connect_timeout=o["upstream_connect_timeout"],
+        upstream_idle_timeout=o["upstream_idle_timeout"],
+        upstream_timeout=o["upstream_timeout"],
+        max_streams=o["max_streams"],
+        rate_limit=o["rate_limit"],
+        send_timeout=o["send_timeout"],
+        auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),
+        cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
+        store=o["store"],
+        workers=o["workers"],
+        robots=_robots(data.get("robots"), path or DEFAULT_CONFIG),
+        demo_token_delay=o["demo_token_delay"],
+    )
+    _validate(settings)
+    return settings

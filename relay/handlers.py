@@ -1,0 +1,405 @@
+"""HTTP handlers: JSON endpoints, and the event-stream writer shared by both stream routes.
+
+`EventStreamHandler` is the one place that writes an event stream: it reads a
+session from a cursor, writes what is there in one write, awaits ``flush()``
+(back-pressure), and sleeps on a future the session resolves when there is
+news. The app's watchdog tick calls `EventStreamHandler.check` for heartbeats
+and the send timeout. ``streamAsk`` and ``GET /aianswer/stream/<uid>`` differ
+only in when the response is committed and in what a disconnect does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from tornado.iostream import StreamClosedError
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from relay.ask import MAX_BODY, Ask, parse_ask
+from relay.config import Robot
+from relay.errors import RelayError
+from relay.sessions import Session
+from relay.sse import encode_comment, encode_event, encode_retry
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+log = logging.getLogger("relay.stream")
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+RETRY_FRAME = encode_retry(3000)
+PING_FRAME = encode_comment("ping")
+ANONYMOUS = "anonymous"
+
+
+class BaseHandler(RequestHandler):
+    """JSON errors, auth, and access to the shared `Relay`."""
+
+    relay: Relay
+
+    def initialize(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def send_relay_error(self, error: RelayError, retry_after: int | None = None) -> None:
+        self.clear()
+        self.set_status(error.status if error.status < 600 else 500)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        if retry_after is not None:
+            self.set_header("Retry-After", str(retry_after))
+        self.finish(error.body())
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HTTPError) and exc.log_message and status_code < 500:
+            message = exc.log_message
+        else:
+            message = self._reason
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status_code, "error")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(RelayError(status_code, code, message).body())
+
+    def user_id(self, required: bool = True) -> str | None:
+        """The caller's user id from ``Authorization: Bearer``.
+
+        With no ``--auth-tokens`` everyone is ``anonymous``. Tokens are compared
+        in constant time, against every configured token.
+        """
+        tokens = self.relay.settings.auth_tokens
+        if not tokens:
+            return ANONYMOUS
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and presented:
+            given = presented.strip().encode()
+            for token, user in tokens.items():
+                if hmac.compare_digest(given, token.encode()):
+                    found = user
+        if found is None and required:
+            raise RelayError(401, "unauthorized", "token missing or wrong")
+        return found
+
+
+class IndexHandler(BaseHandler):
+    """``GET /``: the chat page."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
+            self.write(f.read())
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise HTTPError(404, "no such path")
+
+
+class RobotsHandler(BaseHandler):
+    def get(self) -> None:
+        try:
+            self.user_id()
+        except RelayError as e:
+            return self.send_relay_error(e)
+        robots = [{"robotId": r.robot_id, "robotName": r.name} for r in self.relay.settings.robots]
+        self.write({"robots": robots})
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.write(
+            {
+                "status": "ok",
+                "streams": len(self.relay.streams),
+                "sessions": len(self.relay.store),
+            }
+        )
+
+
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.write(self.relay.metrics.render())
+
+
+@stream_request_body
+class AskMixin(BaseHandler):
+    """Reads and validates the POST body of ``streamAsk`` and ``sessions``.
+
+    The body is streamed in so that one over the bound is refused with 413 from
+    its Content-Length, before it is read, and a chunked one stops being kept
+    as soon as it passes the bound.
+    """
+
+    def prepare(self) -> None:
+        self._body = bytearray()
+        self._too_large = False
+        if self.request.method != "POST":
+            return
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            self.send_relay_error(_too_large())
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large or len(self._body) + len(chunk) > MAX_BODY:
+            self._too_large = True
+            self._body.clear()
+        else:
+            self._body += chunk
+
+    def read_ask(self) -> tuple[Ask, Robot]:
+        if self._too_large:
+            raise _too_large()
+        ask = parse_ask(bytes(self._body))
+        robot = self.relay.settings.robot(ask.robot_id)
+        if robot is None:
+            raise RelayError(400, "unknown_robot", "robotId names no configured robot")
+        return ask, robot
+
+    def check_capacity(self) -> None:
+        if len(self.relay.streams) >= self.relay.settings.max_streams:
+            raise RelayError(503, "at_capacity", "the relay is at capacity; retry shortly")
+
+
+class EventStreamHandler(AskMixin):
+    """Writes one session's events to one client, from a cursor, until the session ends."""
+
+    def initialize(self, relay: Relay) -> None:
+        super().initialize(relay)
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._committed = False
+        self._ping_due = False
+        self._flushing_since = 0.0
+        self._last_write = time.monotonic()
+        self._session: Session | None = None
+
+    # -- called by the session and the watchdog ------------------------------
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def check(self, now: float) -> None:
+        settings = self.relay.settings
+        if self._flushing_since:
+            if now - self._flushing_since > settings.send_timeout:
+                log.info(
+                    "client did not drain for %.0fs; disconnecting",
+                    settings.send_timeout,
+                )
+                self.request.connection.stream.close()
+        elif self._committed and now - self._last_write >= settings.heartbeat:
+            self._ping_due = True
+            self.wake()
+
+    def on_connection_close(self) -> None:
+        self._closed = True
+        self.wake()
+        if self._session is not None:
+            self.client_gone(self._session)
+
+    def client_gone(self, session: Session) -> None:
+        """What a disconnect means for the session; one-shot streams cancel it."""
+
+    # -- the pump ----------------------------------------------------------
+
+    def commit(self) -> None:
+        """Start the 200 event-stream response (never compressed)."""
+        self._committed = True
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(RETRY_FRAME)
+
+    async def pump(self, session: Session, after: int) -> None:
+        """Relay ``session`` from cursor ``after`` until it ends or the client leaves.
+
+        Before the response is committed, a session that fails with nothing
+        relayed becomes a plain HTTP error with the error's status.
+        """
+        relay = self.relay
+        self._session = session
+        relay.streams.add(self)
+        session.subscribe(self, after)
+        started = time.monotonic()
+        reason = "client_closed"
+        try:
+            while not self._closed:
+                frames = session.read(self, after)
+                if frames:
+                    if not self._committed:
+                        self.commit()
+                    after += len(frames)
+                    await self._send(frames)
+                    continue
+                if not session.running:
+                    reason = session.error.code if session.error else "done"
+                    if not self._committed:
+                        if session.error is not None:
+                            return self.send_relay_error(session.error)
+                        self.commit()
+                    self.write(session.error_frame)
+                    await self._flush()
+                    break
+                if self._ping_due:
+                    self._ping_due = False
+                    self.write(PING_FRAME)
+                    await self._flush()
+                    continue
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+                self._waiter = None
+        except StreamClosedError:
+            pass
+        except RelayError as e:  # a cursor overtaken by trimming: a gap we will not hide
+            reason = e.code
+            self.write(encode_error(e))
+            await self._flush()
+        finally:
+            session.unsubscribe(self)
+            relay.streams.discard(self)
+            relay.metrics.streams.labels(reason).inc()
+            relay.metrics.duration.observe(time.monotonic() - started)
+        if not self._closed:
+            self.finish()
+
+    async def _send(self, frames: list[bytes]) -> None:
+        metrics = self.relay.metrics
+        pace = self.relay.settings.pace_ms / 1000
+        if pace:
+            # The typewriter effect: one event per write, spaced without blocking the loop.
+            for frame in frames:
+                self.write(frame)
+                await self._flush()
+                metrics.bytes_out.inc(len(frame))
+                await asyncio.sleep(pace)
+        else:
+            data = b"".join(frames)
+            self.write(data)
+            await self._flush()
+            metrics.bytes_out.inc(len(data))
+        metrics.events.inc(len(frames))
+
+    async def _flush(self) -> None:
+        self._flushing_since = time.monotonic()
+        try:
+            await self.flush()
+        finally:
+            self._flushing_since = 0.0
+            self._last_write = time.monotonic()
+
+
+def encode_error(error: RelayError) -> bytes:
+    return encode_event(error.body().decode(), event="error")
+
+
+class StreamAskHandler(EventStreamHandler):
+    """``POST /aianswer/streamAsk``: a one-shot session with this request as its reader."""
+
+    async def post(self) -> None:
+        relay = self.relay
+        try:
+            user = self.user_id()
+            ask, robot = self.read_ask()
+            self.check_capacity()
+        except RelayError as e:
+            return self.send_relay_error(e, retry_after=_retry_after(e))
+        session = await relay.store.create(user, robot.robot_id, replayable=False)
+        try:
+            relay.upstream.start(session, robot, ask)
+            await self.pump(session, 0)
+        finally:
+            await relay.store.remove(session.uid)
+
+    def client_gone(self, session: Session) -> None:
+        session.cancel()
+
+
+class SessionsHandler(AskMixin):
+    """``POST /aianswer/sessions``: start an answer, return its uid and stream URL."""
+
+    async def post(self) -> None:
+        relay = self.relay
+        try:
+            user = self.user_id()
+            ask, robot = self.read_ask()
+        except RelayError as e:
+            return self.send_relay_error(e, retry_after=_retry_after(e))
+        session = await relay.store.create(user, robot.robot_id, replayable=True)
+        relay.upstream.start(session, robot, ask)
+        self.set_status(201)
+        self.write({"uid": session.uid, "streamUrl": f"/aianswer/stream/{session.uid}"})
+
+
+class SessionHandler(BaseHandler):
+    """``DELETE /aianswer/sessions/<uid>``: cancel the answer; open streams of it end."""
+
+    async def delete(self, uid: str) -> None:
+        try:
+            user = self.user_id()
+            session = await self.relay.store.get(uid)
+            if session is None or session.owner != user:
+                raise RelayError(404, "not_found", "no such session")
+        except RelayError as e:
+            return self.send_relay_error(e)
+        session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
+        await self.relay.store.remove(uid)
+        self.set_status(204)
+
+
+class SessionStreamHandler(EventStreamHandler):
+    """``GET /aianswer/stream/<uid>``: EventSource attach and resume with Last-Event-ID.
+
+    The uid is the capability (EventSource cannot send headers); a request that
+    does carry a token gets 404 unless it is the owner's.
+    """
+
+    async def get(self, uid: str) -> None:
+        relay = self.relay
+        try:
+            session = await relay.store.get(uid)
+            if session is None or not self._may_read(session):
+                raise RelayError(404, "not_found", "no such session")
+            self.check_capacity()
+        except RelayError as e:
+            return self.send_relay_error(e, retry_after=_retry_after(e))
+        raw = self.request.headers.get("Last-Event-ID")
+        if raw is None:
+            raw = self.get_query_argument("lastEventId", None)
+        after = _cursor(raw)
+        if after is None or not session.check_cursor(after):
+            self.commit()
+            error = RelayError(400, "bad_last_event_id", "Last-Event-ID names no kept event")
+            self.write(encode_error(error))
+            return
+        if raw is not None and not session.running and after == session.last_seq:
+            self.set_status(204)  # tells EventSource to stop reconnecting
+            return
+        self.commit()
+        await self.pump(session, after)
+
+    def _may_read(self, session: Session) -> bool:
+        if "Authorization" not in self.request.headers:
+            return True
+        return self.user_id(required=False) == session.owner
+
+
+def _cursor(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return 0
+    raw = raw.strip()
+    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+
+
+def _too_large() -> RelayError:
+    return RelayError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
+
+
+def _retry_after(error: RelayError) -> int | None:
+    return 1 if error.status in (429, 503) else None

@@ -1,0 +1,66 @@
+"""Prometheus instruments, one registry per application (tests run many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """The relay's instruments. Gauges read live counts through callbacks."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_streams = Gauge("relay_active_streams", "Open client streams", registry=r)
+        self.active_sessions = Gauge("relay_active_sessions", "Sessions in the store", registry=r)
+        self.cooling_keys = Gauge("relay_cooling_keys", "Upstream keys cooling down", registry=r)
+        self.events = Counter("relay_events_relayed", "Events written to clients", registry=r)
+        self.bytes_out = Counter("relay_bytes_out", "Event bytes written to clients", registry=r)
+        self.streams = Counter(
+            "relay_streams_ended",
+            "Client streams by how they ended",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "relay_upstream_errors", "Upstream failures by code", ["code"], registry=r
+        )
+        self.key_retries = Counter(
+            "relay_key_retries", "Upstream calls retried with another key", registry=r
+        )
+        self.ttft = Histogram(
+            "relay_time_to_first_token_seconds",
+            "From session start to its first relayed event",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "relay_stream_duration_seconds",
+            "Client stream duration",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+
+    def bind(
+        self,
+        streams: Callable[[], float],
+        sessions: Callable[[], float],
+        cooling: Callable[[], float],
+    ) -> None:
+        self.active_streams.set_function(streams)
+        self.active_sessions.set_function(sessions)
+        self.cooling_keys.set_function(cooling)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

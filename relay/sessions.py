@@ -1,0 +1,261 @@
+"""uid sessions: numbered events, subscribers, lifetime, and the in-memory store.
+
+A `Session` is one answer. The upstream call appends to it; subscribers (open
+client streams) read from it by sequence number, so a reconnect with
+``Last-Event-ID`` is just a read from an older cursor. A one-shot ``streamAsk``
+is the same thing with ``replayable=False``: events are dropped once its one
+reader has taken them, and the reader leaving cancels the upstream call.
+
+Bounds: a replayable session keeps at most ``max_events`` events and
+``max_bytes`` bytes, dropping the oldest (a resume from before them gets
+``bad_last_event_id``, never a silent gap). When a reader lags more than
+``high_water`` bytes, `Session.room` gives the upstream reader a future to
+await, so a slow client slows its own upstream read instead of growing a buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Protocol
+
+from relay.errors import RelayError
+from relay.sse import encode_event
+
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-session bounds on what is kept and on how far a reader may lag."""
+
+    max_events: int = 20_000
+    max_bytes: int = 8 << 20
+    high_water: int = 256 << 10
+
+
+class Subscriber(Protocol):
+    """An open client stream; the session calls `wake` when there is news."""
+
+    def wake(self) -> None: ...
+
+
+class Session:
+    """One answer: its owner, its numbered event frames, its readers and its state.
+
+    ``read`` and ``append`` work on encoded frames (``id: N`` + ``data:`` lines),
+    so the per-event cost on the way out is a list slice and a join.
+    """
+
+    def __init__(
+        self,
+        uid: str,
+        owner: str,
+        robot_id: str,
+        replayable: bool,
+        limits: SessionLimits,
+    ) -> None:
+        self.uid = uid
+        self.owner = owner
+        self.robot_id = robot_id
+        self.replayable = replayable
+        self.limits = limits
+        self.created = time.monotonic()
+        self.last_activity = self.created
+        self.state = RUNNING
+        self.error: RelayError | None = None
+        self._frames: deque[bytes] = deque()
+        self._first_seq = 1  # sequence number of _frames[0]
+        self.last_seq = 0
+        self._kept_bytes = 0
+        self.total_bytes = 0  # bytes ever appended: readers measure their lag against it
+        self._error_frame = b""
+        self._subscribers: dict[Subscriber, int] = {}  # subscriber -> total_bytes it has read
+        self._room: asyncio.Future[None] | None = None
+        self.on_cancel: Callable[[], None] | None = None
+
+    # -- the upstream side -------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+    def append(self, data: str) -> None:
+        """Number and keep one event; wake the readers."""
+        if self.state != RUNNING:
+            return
+        self.last_seq += 1
+        frame = encode_event(data, id=self.last_seq)
+        self._frames.append(frame)
+        self._kept_bytes += len(frame)
+        self.total_bytes += len(frame)
+        self.last_activity = time.monotonic()
+        if self.replayable:
+            self._trim()
+        self._wake_all()
+
+    def finish(self) -> None:
+        """The answer is complete (``[DONE]`` was appended)."""
+        if self.state == RUNNING:
+            self.state = DONE
+            self._end()
+
+    def fail(self, error: RelayError) -> None:
+        """End the session with an error; readers get ``event: error`` after the kept events."""
+        if self.state == RUNNING:
+            self.state = FAILED
+            self.error = error
+            self._error_frame = encode_event(error.body().decode(), event="error")
+            self._end()
+
+    def cancel(self, error: RelayError | None = None) -> None:
+        """Stop the upstream call (if it still runs) and end the session."""
+        if self.state != RUNNING:
+            return
+        self.fail(error or RelayError(499, "cancelled", "the answer was cancelled"))
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    def room(self) -> asyncio.Future[None] | None:
+        """A future to await before reading more upstream, or None if readers keep up."""
+        if not self._subscribers or self.lag() <= self.limits.high_water:
+            return None
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    def lag(self) -> int:
+        """Bytes appended that the slowest reader has not taken yet."""
+        if not self._subscribers:
+            return 0
+        return self.total_bytes - min(self._subscribers.values())
+
+    def _trim(self) -> None:
+        limits = self.limits
+        while self._frames and (
+            len(self._frames) > limits.max_events or self._kept_bytes > limits.max_bytes
+        ):
+            self._kept_bytes -= len(self._frames.popleft())
+            self._first_seq += 1
+
+    def _end(self) -> None:
+        self.last_activity = time.monotonic()
+        self._release_room()
+        self._wake_all()
+
+    def _release_room(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    def _wake_all(self) -> None:
+        for sub in self._subscribers:
+            sub.wake()
+
+    # -- the reader side ---------------------------------------------------
+
+    def subscribe(self, sub: Subscriber, after: int) -> None:
+        """Attach a reader whose cursor is ``after`` (validated with `check_cursor`)."""
+        self._subscribers[sub] = self.total_bytes - self._bytes_after(after)
+        self.last_activity = time.monotonic()
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.pop(sub, None)
+        self._release_room()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def check_cursor(self, after: int) -> bool:
+        """Whether events after ``after`` can be read with no gap: 0 <= after <= last_seq
+        and nothing after it was dropped."""
+        return self._first_seq - 1 <= after <= self.last_seq
+
+    def read(self, sub: Subscriber, after: int) -> list[bytes]:
+        """Frames numbered after ``after``; raises `RelayError` if they were dropped."""
+        if not self.check_cursor(after):
+            raise RelayError(409, "bad_last_event_id", "events after that id are no longer kept")
+        if not self.replayable:
+            while self._first_seq <= after:
+                self._kept_bytes -= len(self._frames.popleft())
+                self._first_seq += 1
+        start = after - self._first_seq + 1
+        frames = list(self._frames) if start == 0 else list(islice(self._frames, start, None))
+        if frames or sub in self._subscribers:
+            self._subscribers[sub] = self.total_bytes
+            if self._room is not None and self.lag() <= self.limits.high_water // 2:
+                self._release_room()
+        return frames
+
+    @property
+    def error_frame(self) -> bytes:
+        """The ``event: error`` frame of a failed session (b"" otherwise); it has no id."""
+        return self._error_frame
+
+    def _bytes_after(self, after: int) -> int:
+        start = max(0, after - self._first_seq + 1)
+        return sum(len(f) for f in islice(self._frames, start, None))
+
+
+def new_uid() -> str:
+    """32 hex characters (128 bits) from the OS CSPRNG: the session's capability."""
+    return secrets.token_hex(16)
+
+
+class MemoryStore:
+    """Sessions of this process, in a dict. The default store.
+
+    A session lives ``ttl`` seconds after its last activity; `prune` (run by a
+    PeriodicCallback every ``--prune-interval``) removes the expired ones and
+    cancels any that still ran.
+    """
+
+    def __init__(self, ttl: float, limits: SessionLimits | None = None) -> None:
+        self.ttl = ttl
+        self.limits = limits or SessionLimits()
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    async def create(self, owner: str, robot_id: str, replayable: bool) -> Session:
+        session = Session(new_uid(), owner, robot_id, replayable, self.limits)
+        self._sessions[session.uid] = session
+        return session
+
+    async def get(self, uid: str) -> Session | None:
+        session = self._sessions.get(uid)
+        if session is not None and self._expired(session, time.monotonic()):
+            self._drop(session)
+            return None
+        return session
+
+    async def remove(self, uid: str) -> None:
+        session = self._sessions.get(uid)
+        if session is not None:
+            self._drop(session)
+
+    def prune(self) -> int:
+        """Remove expired sessions; return how many went."""
+        now = time.monotonic()
+        expired = [s for s in self._sessions.values() if self._expired(s, now)]
+        for session in expired:
+            self._drop(session)
+        return len(expired)
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.last_activity > self.ttl
+
+    def _drop(self, session: Session) -> None:
+        del self._sessions[session.uid]
+        session.cancel(RelayError(410, "expired", "the session expired"))

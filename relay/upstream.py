@@ -1,0 +1,371 @@
+"""The model-server client: one streaming ``POST {upstream}/chat/completions`` per session.
+
+Built on Tornado's `SimpleAsyncHTTPClient` with a ``streaming_callback`` that
+feeds `relay.sse.SSEParser`; the parsed events go through `relay.chunks` into
+the session. Three things the stock client does not give and this module adds:
+
+* **Prompt cancellation.** Tornado has no public way to abort an in-flight fetch
+  (tornado issue 157), and raising in ``streaming_callback`` only acts when the
+  next chunk arrives, so a silent upstream would never be let go.
+  `CancellableHTTPClient` keeps a handle to each request's ``_HTTPConnection``
+  and closes its socket at once. Caveat: this leans on Tornado internals
+  (``_HTTPConnection``, ``_connection_class``, ``_handle_exception``), stable
+  since Tornado 5 and covered by the cancellation tests.
+* **An idle watchdog that ignores comments.** Only dispatched events count as
+  upstream activity; the total time is bounded by ``request_timeout``.
+* **A key pool.** A key answered 401/403/429 cools down and the next key is
+  tried. Error statuses arrive before any body, so a retry can never follow
+  relayed text.
+
+The client is a private instance (not the per-loop singleton) with
+``max_clients`` above ``--max-streams``: the default of 10 would queue the
+eleventh user, and its 20-second ``request_timeout`` would cut long answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ujson
+from tornado.httpclient import HTTPRequest, HTTPResponse
+from tornado.simple_httpclient import (
+    HTTPTimeoutError,
+    SimpleAsyncHTTPClient,
+    _HTTPConnection,
+)
+
+from relay.ask import Ask
+from relay.chunks import ChunkRules, error_message
+from relay.config import Robot, Settings
+from relay.errors import RelayError, redact
+from relay.metrics import Metrics
+from relay.sessions import Session
+from relay.sse import LineTooLong, SSEParser
+
+log = logging.getLogger("relay.upstream")
+
+RETRY_STATUSES = (401, 403, 429)
+KEY_COOLDOWN = 60.0
+_ERROR_BODY_LIMIT = 64 << 10
+
+
+class UpstreamCancelled(Exception):
+    """The relay let go of the call (client gone, DELETE, idle timeout, shutdown)."""
+
+
+class CancelHandle:
+    """Links a request to the connection that serves it, so it can be closed at once."""
+
+    __slots__ = ("cancelled", "connection")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.connection: _HTTPConnection | None = None
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        conn = self.connection
+        if conn is not None and conn.final_callback is not None:
+            # Runs the fetch's final callback with a 599 and closes the socket if
+            # connected; a connect still under way closes its socket when it lands.
+            conn._handle_exception(UpstreamCancelled, UpstreamCancelled(), None)
+
+
+class _CancellableConnection(_HTTPConnection):
+    def __init__(self, client: Any, request: Any, *args: Any) -> None:
+        super().__init__(client, request, *args)
+        handle = getattr(request, "cancel_handle", None)
+        if handle is not None:
+            handle.connection = self
+
+
+class CancellableHTTPClient(SimpleAsyncHTTPClient):
+    """`SimpleAsyncHTTPClient` whose requests can carry a `CancelHandle`."""
+
+    def _connection_class(self) -> type:
+        return _CancellableConnection
+
+    def _handle_request(self, request: Any, release_callback: Any, final_callback: Any) -> None:
+        handle = getattr(request, "cancel_handle", None)
+        if handle is not None and handle.cancelled:
+            release_callback()
+            response = HTTPResponse(request, 599, error=UpstreamCancelled())
+            self.io_loop.add_callback(final_callback, response)
+            return
+        super()._handle_request(request, release_callback, final_callback)
+
+
+class KeyPool:
+    """Upstream API keys, picked ``random`` or ``round_robin``; refused keys cool down."""
+
+    def __init__(self, keys: Sequence[str], strategy: str = "random") -> None:
+        self.keys = list(keys)
+        self.strategy = strategy
+        self._next = 0
+        self._cool_until: dict[str, float] = {}
+
+    def pick(self, exclude: set[str]) -> str | None:
+        """A key not in ``exclude``, preferring keys that are not cooling down.
+
+        Returns None when there are no keys at all, or all were tried.
+        """
+        candidates = [k for k in self.keys if k not in exclude]
+        if not candidates:
+            return None
+        now = time.monotonic()
+        warm = [k for k in candidates if self._cool_until.get(k, 0.0) <= now]
+        if not warm:
+            return min(candidates, key=lambda k: self._cool_until[k])
+        if self.strategy == "round_robin":
+            key = warm[self._next % len(warm)]
+            self._next += 1
+            return key
+        return random.choice(warm)
+
+    def cool(self, key: str, seconds: float = KEY_COOLDOWN) -> None:
+        self._cool_until[key] = time.monotonic() + seconds
+
+    def cooling(self) -> int:
+        now = time.monotonic()
+        return sum(1 for until in self._cool_until.values() if until > now)
+
+
+def build_payload(robot: Robot, default_model: str, ask: Ask) -> bytes:
+    """The chat-completions request body: system prompt, history pairs, question."""
+    messages = []
+    if robot.system_prompt:
+        messages.append({"role": "system", "content": robot.system_prompt})
+    for question, answer in ask.history:
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": ask.question})
+    body: dict[str, Any] = {
+        "model": robot.model or default_model,
+        "messages": messages,
+        "stream": True,
+    }
+    if robot.temperature is not None:
+        body["temperature"] = robot.temperature
+    if robot.top_p is not None:
+        body["top_p"] = robot.top_p
+    return ujson.dumps(body, ensure_ascii=False).encode()
+
+
+class Upstream:
+    """The app's link to the model server: HTTP client, key pool and running calls."""
+
+    def __init__(self, settings: Settings, url: str, metrics: Metrics) -> None:
+        self.settings = settings
+        self.url = url.rstrip("/") + "/chat/completions"
+        self.metrics = metrics
+        self.keys = KeyPool(settings.api_keys, settings.key_strategy)
+        self.client = CancellableHTTPClient(
+            force_instance=True,
+            max_clients=settings.max_streams + 64,
+            max_buffer_size=64 << 20,
+        )
+        self.calls: set[UpstreamCall] = set()
+
+    def start(self, session: Session, robot: Robot, ask: Ask) -> UpstreamCall:
+        """Begin streaming the answer to ``ask`` into ``session``."""
+        payload = build_payload(robot, self.settings.model, ask)
+        call = UpstreamCall(self, session, payload)
+        self.calls.add(call)
+        session.on_cancel = call.cancel
+        call.task = _spawn(call.run())
+        return call
+
+    def check(self, now: float) -> None:
+        """Watchdog tick: let go of calls idle longer than ``--upstream-idle-timeout``."""
+        idle = self.settings.upstream_idle_timeout
+        for call in list(self.calls):
+            if now - call.last_activity > idle:
+                call.time_out()
+
+    def close(self) -> None:
+        for call in list(self.calls):
+            call.cancel()
+        self.client.close()
+
+
+def _spawn(coro: Any) -> asyncio.Task:
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_log_crash)
+    return task
+
+
+def _log_crash(task: Any) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("upstream call crashed", exc_info=task.exception())
+
+
+class UpstreamCall:
+    """One answer's upstream request, with key retries, parsing and the watchdog state."""
+
+    def __init__(self, upstream: Upstream, session: Session, payload: bytes) -> None:
+        self.upstream = upstream
+        self.session = session
+        self.payload = payload
+        self.rules = ChunkRules(session.owner, session.uid)
+        self.last_activity = time.monotonic()
+        self.task: Any = None
+        self._handle = CancelHandle()
+        self._timed_out = False
+        self._failure: RelayError | None = None
+        self._done = False
+        self._events = 0
+
+    # -- control ------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Close the upstream connection now (the session is ended by the caller)."""
+        self._handle.cancel()
+
+    def time_out(self) -> None:
+        self._timed_out = True
+        self._handle.cancel()
+
+    # -- the call -----------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.upstream.calls.discard(self)
+
+    async def _run(self) -> None:
+        pool = self.upstream.keys
+        tried: set[str] = set()
+        while True:
+            key = pool.pick(tried)
+            if key is not None:
+                tried.add(key)
+            self._parser = SSEParser()
+            self._status = 0
+            self._is_stream = True
+            self._error_body = bytearray()
+            try:
+                await self.upstream.client.fetch(self._request(key), raise_error=False)
+                failure: Exception | None = None
+            except Exception as e:  # noqa: BLE001 - any failure must end the session, not the task
+                failure = e
+            if self._status in RETRY_STATUSES and key is not None:
+                pool.cool(key)
+                if len(tried) < len(pool.keys) and not self._handle.cancelled:
+                    self.upstream.metrics.key_retries.inc()
+                    log.warning("upstream answered %d; trying the next key", self._status)
+                    self._handle = CancelHandle()
+                    continue
+            self._finish(failure)
+            return
+
+    def _request(self, key: str | None) -> HTTPRequest:
+        s = self.upstream.settings
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = HTTPRequest(
+            self.upstream.url,
+            method="POST",
+            headers=headers,
+            body=self.payload,
+            connect_timeout=s.upstream_connect_timeout,
+            request_timeout=s.upstream_timeout,
+            header_callback=self._on_header,
+            streaming_callback=self._on_chunk,
+            decompress_response=False,
+            follow_redirects=False,
+        )
+        request.cancel_handle = self._handle  # type: ignore[attr-defined]
+        return request
+
+    def _on_header(self, line: str) -> None:
+        if not self._status and line.startswith("HTTP/"):
+            parts = line.split(" ", 2)
+            if len(parts) >= 2 and parts[1].isdigit():
+                self._status = int(parts[1])
+        elif line[:13].lower() == "content-type:":
+            # A 200 with a JSON body is a non-streaming answer or an error, not a stream.
+            self._is_stream = "application/json" not in line.lower()
+
+    def _on_chunk(self, chunk: bytes) -> Any:
+        if self._status != 200 or not self._is_stream:
+            if len(self._error_body) < _ERROR_BODY_LIMIT:
+                self._error_body += chunk[: _ERROR_BODY_LIMIT - len(self._error_body)]
+            return None
+        session = self.session
+        try:
+            events = self._parser.feed(chunk)
+            if not events:
+                return None
+            self.last_activity = time.monotonic()
+            for event in events:
+                texts, done = self.rules.apply(event.data)
+                if texts and session.last_seq == 0:
+                    self.upstream.metrics.ttft.observe(time.monotonic() - session.created)
+                for text in texts:
+                    session.append(text)
+                self._events += len(texts)
+                if done:
+                    self._done = True
+                    session.finish()
+                    self._handle.cancel()
+                    return None
+        except LineTooLong:
+            self._fail_now(
+                RelayError(502, "upstream_bad_chunk", "the upstream sent an over-long line")
+            )
+            return None
+        except RelayError as e:
+            self._fail_now(e)
+            return None
+        return session.room()
+
+    def _fail_now(self, error: RelayError) -> None:
+        self._failure = error
+        self._handle.cancel()
+
+    # -- the outcome ----------------------------------------------------------
+
+    def _finish(self, failure: Exception | None) -> None:
+        session = self.session
+        if self._done:
+            session.finish()
+            return
+        if not session.running:
+            return  # cancelled from outside: the session already knows why
+        error = self._failure or self._outcome_error(failure)
+        self.upstream.metrics.upstream_errors.labels(error.code).inc()
+        log.info("upstream call for session %s ended: %s", session.uid[:8], error.code)
+        session.fail(error)
+
+    def _outcome_error(self, failure: Exception | None) -> RelayError:
+        if self._timed_out or isinstance(failure, HTTPTimeoutError):
+            return RelayError(504, "upstream_timeout", "the upstream did not answer in time")
+        if self._status >= 400 or (self._status == 200 and not self._is_stream):
+            return self._status_error()
+        if self._status == 0:
+            return RelayError(502, "upstream_unavailable", "the upstream could not be reached")
+        return RelayError(502, "upstream_closed", "the upstream ended the answer without [DONE]")
+
+    def _status_error(self) -> RelayError:
+        try:
+            detail = error_message(ujson.loads(bytes(self._error_body)))
+        except ValueError:
+            detail = ""
+        detail = redact(detail, self.upstream.settings.api_keys)
+        if self._status == 200:
+            message = "the upstream answered 200 without an event stream"
+        else:
+            message = f"the upstream answered HTTP {self._status}"
+        return RelayError(502, "upstream_error", f"{message}: {detail}" if detail else message)

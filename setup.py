@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tornado-llm-relay",
+    version="0.1.0",
+    description="SSE relay for LLM chat streaming on Tornado",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["relay", "relay.*"]),
+    py_modules=["server"],
+    python_requires=">=3.11",
+    install_requires=[
+        "tornado>=6.3",
+        "ujson>=5.8",
+        "prometheus-client>=0.17",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-tornado>=0.8.1",
+            # pytest-tornado imports pkg_resources, which setuptools 81 removes.
+            "setuptools<81",
+            "hypothesis>=6.90",
+            "ruff>=0.5",
+        ],
+    },
+)

@@ -1,0 +1,141 @@
+"""Fixtures: a fake upstream and relays, each a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from relay.app import Relay, make_app
+from relay.config import Settings
+from relay.sse import ServerSentEvent, SSEParser
+from tests.fakeupstream import FakeUpstream
+
+
+@dataclass
+class RelayServer:
+    url: str
+    relay: Relay
+    server: HTTPServer
+
+
+@pytest.fixture
+def fake(io_loop) -> FakeUpstream:
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def make_relay(io_loop) -> Callable[..., RelayServer]:
+    """Start a relay with ``Settings(**overrides)``; ``upstream=None`` means the demo."""
+    started: list[RelayServer] = []
+
+    def start(**overrides) -> RelayServer:
+        sock, port = bind_unused_port()
+        url = f"http://127.0.0.1:{port}"
+        overrides.setdefault("demo_token_delay", 0.001)
+        settings = dataclasses.replace(Settings(), port=port, **overrides)
+        app = make_app(settings, url)
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        rs = RelayServer(url, app.settings["relay"], server)
+        started.append(rs)
+        return rs
+
+    yield start
+    for rs in started:
+        rs.server.stop()
+        io_loop.run_sync(rs.relay.shutdown, timeout=10)
+        io_loop.run_sync(rs.server.close_all_connections, timeout=10)
+
+
+@pytest.fixture
+def relay(make_relay, fake) -> RelayServer:
+    """A relay in front of the fake upstream."""
+    return make_relay(upstream=fake.url)
+
+
+@dataclass
+class StreamResult:
+    status: int
+    headers: dict[str, str]
+    events: list[ServerSentEvent]
+    raw: bytes
+    body: bytes = b""
+    retry: int | None = None
+    chunks: list[bytes] = field(default_factory=list)
+
+    def json(self) -> dict:
+        return json.loads(self.body or self.raw)
+
+    @property
+    def data(self) -> list[str]:
+        return [e.data for e in self.events if e.event == "message"]
+
+    def text(self) -> str:
+        """The answer text: the content of every relayed chunk, joined."""
+        out = []
+        for d in self.data:
+            if d == "[DONE]":
+                continue
+            for choice in json.loads(d).get("choices", []):
+                out.append(choice.get("delta", {}).get("content") or "")
+        return "".join(out)
+
+
+async def fetch_stream(
+    url: str,
+    body: dict | bytes | None = None,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> StreamResult:
+    """Run a request to its end, parsing an event stream as it arrives."""
+    parser = SSEParser()
+    events: list[ServerSentEvent] = []
+    raw = bytearray()
+    chunks: list[bytes] = []
+    resp_headers: dict[str, str] = {}
+
+    def on_chunk(chunk: bytes) -> None:
+        raw.extend(chunk)
+        chunks.append(chunk)
+        events.extend(parser.feed(chunk))
+
+    def on_header(line: str) -> None:
+        name, sep, value = line.partition(":")
+        if sep:
+            resp_headers[name.strip().lower()] = value.strip()
+
+    if isinstance(body, dict):
+        body = json.dumps(body, ensure_ascii=False).encode()
+    client = AsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch(
+            HTTPRequest(
+                url,
+                method=method or ("POST" if body is not None else "GET"),
+                body=body,
+                headers={"Content-Type": "application/json", **(headers or {})},
+                streaming_callback=on_chunk,
+                header_callback=on_header,
+                request_timeout=timeout,
+                allow_nonstandard_methods=True,
+            ),
+            raise_error=False,
+        )
+    finally:
+        client.close()
+    return StreamResult(
+        response.code, resp_headers, events, bytes(raw), bytes(raw), parser.retry, chunks
+    )
+
+
+ASK = {"robotId": "1", "aiQuestion": "你好"}

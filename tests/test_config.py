@@ -1,0 +1,130 @@
+"""Configuration precedence, validation, and the entry point as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_conf(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "relay.conf"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_precedence_is_flag_then_env_then_file_then_default(tmp_path):
+    conf = write_conf(tmp_path, 'port = 1111\nmodel = "from-file"\nheartbeat = 5\n')
+    env = {"RELAY_PORT": "2222", "RELAY_MODEL": "from-env"}
+    s = load_settings([f"--config={conf}", "--port=3333"], env)
+    assert s.port == 3333
+    assert s.model == "from-env"
+    assert s.heartbeat == 5.0
+    assert s.session_ttl == 300.0
+
+
+def test_env_lists_and_file_robots(tmp_path):
+    conf = write_conf(
+        tmp_path,
+        '[[robots]]\nrobotId = "7"\nrobotName = "Seven"\nmodel = "m7"\n'
+        'systemPrompt = "be brief"\ntemperature = 0.1\ntopP = 1\n',
+    )
+    s = load_settings([], {"RELAY_CONFIG": conf, "RELAY_API_KEYS": "k1, k2"})
+    assert s.api_keys == ("k1", "k2")
+    robot = s.robot("7")
+    assert (robot.name, robot.model, robot.system_prompt, robot.top_p) == ("Seven", "m7", "be brief", 1.0)
+    assert s.robot("1") is None
+
+
+def test_shipped_conf_file_loads():
+    s = load_settings([f"--config={ROOT / 'conf' / 'relay.conf'}"], {})
+    assert [r.robot_id for r in s.robots] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--bogus=1"], {}, "unknown flag --bogus"),
+        (["--port=abc"], {}, "bad value for flag --port"),
+        (["--port"], {}, "--name=value"),
+        (["--key-strategy=sometimes"], {}, "--key-strategy"),
+        (["--heartbeat=0"], {}, "--heartbeat must be positive"),
+        (["--upstream=ftp://x"], {}, "--upstream"),
+        (["--auth-tokens=nocolon"], {}, "token:userId"),
+        (["--config=/nonexistent.conf"], {}, "not found"),
+        ([], {"RELAY_NOPE": "1"}, "RELAY_NOPE"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(argv, env, message):
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        load_settings(argv, env)
+
+
+def test_secrets_never_appear_in_the_settings_repr():
+    s = load_settings(["--api-keys=sk-very-secret", "--auth-tokens=tok-secret:alice"], {})
+    assert "secret" not in repr(s)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_stops_on_unknown_flag_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "server.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["relay: unknown flag --bogus"]
+
+
+def test_server_process_streams_the_demo_and_exits_0_on_sigterm():
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    proc = subprocess.Popen(
+        [sys.executable, "server.py", f"--port={port}", "--demo-token-delay=0.05"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert json.load(r)["status"] == "ok"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/aianswer/streamAsk",
+            data=json.dumps({"robotId": "1", "aiQuestion": "你好"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.readline() == b"retry: 3000\n"
+            seen = b""
+            while b"id: 3\n" not in seen:
+                seen += r.readline()
+            proc.send_signal(signal.SIGTERM)
+            rest = r.read()
+        assert b"event: error" in rest and b'"shutdown"' in rest
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()

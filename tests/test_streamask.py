@@ -1,0 +1,180 @@
+"""One-shot streaming (POST /aianswer/streamAsk) against a real fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from relay import demo
+from tests.conftest import ASK, fetch_stream
+from tests.fakeupstream import answer_frames, chunk, send_frames, stream_tokens
+
+TOKENS = ["尊敬", "的", "用户", "，", "\n\n", " ", "Hello", " world", "！", "\n"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_demo_answer_streams_complete_and_exact(make_relay):
+    rs = make_relay()
+    res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 200
+    assert res.text() == demo.answer_for(ASK["aiQuestion"])
+    assert res.data[-1] == "[DONE]"
+
+
+@pytest.mark.gen_test
+async def test_response_headers_and_retry_first(relay):
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert res.headers["cache-control"] == "no-cache"
+    assert res.headers["x-accel-buffering"] == "no"
+    assert res.raw.startswith(b"retry: 3000\n\n")
+    assert res.retry == 3000
+
+
+@pytest.mark.gen_test
+async def test_happy_path_text_is_exact_with_whitespace_tokens(relay, fake):
+    fake.script = stream_tokens(TOKENS)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 200
+    assert res.text() == "".join(TOKENS)
+    # The upstream's own JSON text is relayed byte for byte.
+    assert res.data[: len(TOKENS)] == [chunk({"content": t}) for t in TOKENS]
+    assert [e.id for e in res.events] == [str(i) for i in range(1, len(TOKENS) + 3)]
+
+
+@pytest.mark.gen_test
+async def test_role_only_and_empty_chunks_are_dropped(relay, fake):
+    frames = [
+        f"data: {chunk({'role': 'assistant'})}\n\n".encode(),
+        f"data: {chunk({})}\n\n".encode(),
+        f"data: {chunk({'content': ''})}\n\n".encode(),
+        f"data: {chunk({'content': 'x'})}\n\n".encode(),
+        f"data: {chunk({}, 'stop')}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    fake.script = send_frames(frames)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert len(res.data) == 3
+    assert res.data[0] == chunk({"content": "x"})
+
+
+@pytest.mark.gen_test
+async def test_finish_chunk_carries_business_node_and_keeps_usage(make_relay, fake):
+    rs = make_relay(upstream=fake.url, auth_tokens={"tok-a": "alice"})
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    frames = answer_frames(["hi"], finish=False) + [
+        f"data: {chunk({}, 'stop', usage=usage)}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    fake.script = send_frames(frames)
+    res = await fetch_stream(
+        rs.url + "/aianswer/streamAsk", ASK, headers={"Authorization": "Bearer tok-a"}
+    )
+    last = json.loads(res.data[-2])
+    node = last["choices"][0]["delta"]
+    assert set(node) == {"userId", "aiId", "occurTime"}
+    assert node["userId"] == "alice"
+    assert len(node["aiId"]) == 32
+    assert time.strptime(node["occurTime"], "%Y-%m-%d %H:%M:%S")
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert last["usage"] == usage
+
+
+@pytest.mark.gen_test
+async def test_finish_chunk_with_content_keeps_the_content(relay, fake):
+    frames = [
+        f"data: {chunk({'content': 'last words'}, 'stop')}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    fake.script = send_frames(frames)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.text() == "last words"
+    assert json.loads(res.data[0])["choices"][0]["finish_reason"] is None
+    assert json.loads(res.data[1])["choices"][0]["delta"]["userId"] == "anonymous"
+
+
+@pytest.mark.gen_test
+async def test_usage_only_chunk_is_relayed_as_is(relay, fake):
+    usage_chunk = json.dumps({"id": "x", "choices": [], "usage": {"total_tokens": 9}})
+    frames = answer_frames(["a"], finish=False) + [
+        f"data: {chunk({}, 'stop')}\n\n".encode(),
+        f"data: {usage_chunk}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    fake.script = send_frames(frames)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.data[-2] == usage_chunk
+
+
+@pytest.mark.gen_test
+async def test_reasoning_and_tool_call_chunks_are_relayed(relay, fake):
+    tool = [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]
+    frames = [
+        f"data: {chunk({'reasoning_content': '想一想'})}\n\n".encode(),
+        f"data: {chunk({'tool_calls': tool})}\n\n".encode(),
+        f"data: {chunk({}, 'tool_calls')}\n\n".encode(),
+        b"data: [DONE]\n\n",
+    ]
+    fake.script = send_frames(frames)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.data[0] == chunk({"reasoning_content": "想一想"})
+    assert res.data[1] == chunk({"tool_calls": tool})
+
+
+@pytest.mark.gen_test
+async def test_one_byte_at_a_time_upstream_with_crlf_comments_and_split_utf8(relay, fake):
+    body = b"".join(answer_frames(TOKENS)).replace(b"\n", b"\r\n")
+    body = b": keep-alive\r\n\r\n" + body
+    fake.script = send_frames([bytes([b]) for b in body])
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.text() == "".join(TOKENS)
+    assert b"keep-alive" not in res.raw
+
+
+@pytest.mark.gen_test
+async def test_upstream_request_is_built_from_robot_history_and_question(make_relay, fake):
+    rs = make_relay(upstream=fake.url, api_keys=("sk-one",), model="m-default")
+    ask = {**ASK, "aiQuestionHistory": [["q1", "a1"]], "extra": "ignored"}
+    await fetch_stream(rs.url + "/aianswer/streamAsk", ask)
+    sent = fake.requests[0]
+    assert sent["key"] == "sk-one"
+    assert sent["body"]["model"] == "m-default"
+    assert sent["body"]["stream"] is True
+    assert sent["body"]["messages"] == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "你好"},
+    ]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_fifty_concurrent_streams_are_not_serialised(relay, fake):
+    # Each upstream answer waits until all fifty are open at once: a relay that
+    # queued them (AsyncHTTPClient's default max_clients is 10) would deadlock.
+    all_open = asyncio.Event()
+
+    async def script(handler, body, key):
+        if fake.active >= 50:
+            all_open.set()
+        await asyncio.wait_for(all_open.wait(), 10)
+        await stream_tokens(["ok"])(handler, body, key)
+
+    fake.script = script
+    results = await asyncio.gather(
+        *(fetch_stream(relay.url + "/aianswer/streamAsk", ASK) for _ in range(50))
+    )
+    assert [r.text() for r in results] == ["ok"] * 50
+    assert fake.max_active == 50
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_stream_longer_than_twenty_seconds_is_not_cut(relay, fake):
+    fake.script = stream_tokens([f"t{i} " for i in range(23)], delay=1.0)
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK, timeout=60)
+    assert res.text() == "".join(f"t{i} " for i in range(23))
+    assert res.data[-1] == "[DONE]"
