@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="tornado-llm-relay",
     version="0.1.0",
     description="SSE relay for LLM chat streaming on Tornado",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["relay", "relay.*"]),
     py_modules=["server"],

@@ -44,7 +44,12 @@ def test_env_lists_and_file_robots(tmp_path):
     s = load_settings([], {"RELAY_CONFIG": conf, "RELAY_API_KEYS": "k1, k2"})
     assert s.api_keys == ("k1", "k2")
     robot = s.robot("7")
-    assert (robot.name, robot.model, robot.system_prompt, robot.top_p) == ("Seven", "m7", "be brief", 1.0)
+    assert (robot.name, robot.model, robot.system_prompt, robot.top_p) == (
+        "Seven",
+        "m7",
+        "be brief",
+        1.0,
+    )
     assert s.robot("1") is None
 
 
@@ -85,7 +90,11 @@ def _free_port() -> int:
 
 def test_server_stops_on_unknown_flag_with_one_line():
     proc = subprocess.run(
-        [sys.executable, "server.py", "--bogus=1"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "server.py", "--bogus=1"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["relay: unknown flag --bogus"]

@@ -11,7 +11,15 @@ import pytest
 from tornado.iostream import IOStream
 
 from tests.conftest import ASK, fetch_stream
-from tests.fakeupstream import answer_frames, by_key, chunk, hang, send_frames, status, stream_tokens
+from tests.fakeupstream import (
+    answer_frames,
+    by_key,
+    chunk,
+    hang,
+    send_frames,
+    status,
+    stream_tokens,
+)
 
 
 def error_of(res) -> dict:
@@ -117,7 +125,9 @@ async def test_comments_do_not_reset_the_idle_watchdog(make_relay, fake):
 @pytest.mark.gen_test
 async def test_key_answered_401_cools_down_and_next_key_is_used(make_relay, fake):
     rs = make_relay(upstream=fake.url, api_keys=("sk-bad", "sk-good"), key_strategy="round_robin")
-    fake.script = by_key({"sk-bad": status(401, "bad key sk-bad"), "sk-good": stream_tokens(["ok"])})
+    fake.script = by_key(
+        {"sk-bad": status(401, "bad key sk-bad"), "sk-good": stream_tokens(["ok"])}
+    )
     res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
     assert res.status == 200 and res.text() == "ok"
     assert rs.relay.upstream.keys.cooling() == (1 if fake.requests[0]["key"] == "sk-bad" else 0)
@@ -149,7 +159,9 @@ async def test_cut_without_done_is_upstream_closed(relay, fake):
 
 @pytest.mark.gen_test
 async def test_non_json_chunk_is_upstream_bad_chunk(relay, fake):
-    fake.script = send_frames(answer_frames(["a"], finish=False) + [b"data: {oops\n\n"], then_hang=5)
+    fake.script = send_frames(
+        answer_frames(["a"], finish=False) + [b"data: {oops\n\n"], then_hang=5
+    )
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
     assert res.text() == "a"
     assert error_of(res)["code"] == "upstream_bad_chunk"
