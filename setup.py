@@ -24,6 +24,8 @@ setup(
             "setuptools<81",
             "hypothesis>=6.90",
             "ruff>=0.5",
+            # Drives Debian's /usr/bin/chromium; never `playwright install`.
+            "playwright>=1.40",
         ],
     },
 )
