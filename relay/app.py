@@ -13,6 +13,7 @@ from tornado.web import Application
 from relay import demo, handlers
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.limits import RateLimiter
 from relay.metrics import Metrics
 from relay.sessions import MemoryStore
 from relay.upstream import Upstream
@@ -42,6 +43,7 @@ class Relay:
         self.store = MemoryStore(settings.session_ttl)
         self.upstream = Upstream(settings, upstream_url, self.metrics)
         self.streams: set[Watched] = set()
+        self.rate = RateLimiter(settings.rate_limit)
         self.metrics.bind(
             streams=lambda: len(self.streams),
             sessions=lambda: len(self.store),
@@ -61,6 +63,7 @@ class Relay:
         self._prune.start()
 
     def prune(self) -> None:
+        self.rate.prune()
         removed = self.store.prune()
         if removed:
             log.info("pruned %d expired sessions", removed)
@@ -88,16 +91,15 @@ def make_app(settings: Settings, self_url: str) -> Application:
     itself (``http://127.0.0.1:PORT``): the demo upstream lives there."""
     upstream_url = settings.upstream or self_url + DEMO_PATH
     relay = Relay(settings, upstream_url)
-    args = {"relay": relay}
     routes = [
-        (r"/", handlers.IndexHandler, args),
-        (r"/aianswer/robots", handlers.RobotsHandler, args),
-        (r"/aianswer/streamAsk", handlers.StreamAskHandler, args),
-        (r"/aianswer/sessions", handlers.SessionsHandler, args),
-        (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler, args),
-        (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler, args),
-        (r"/healthz", handlers.HealthHandler, args),
-        (r"/metrics", handlers.MetricsHandler, args),
+        (r"/", handlers.IndexHandler),
+        (r"/aianswer/robots", handlers.RobotsHandler),
+        (r"/aianswer/streamAsk", handlers.StreamAskHandler),
+        (r"/aianswer/sessions", handlers.SessionsHandler),
+        (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler),
+        (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler),
+        (r"/healthz", handlers.HealthHandler),
+        (r"/metrics", handlers.MetricsHandler),
     ]
     if settings.upstream is None:
         routes.append(
@@ -110,7 +112,6 @@ def make_app(settings: Settings, self_url: str) -> Application:
     app = Application(
         routes,
         default_handler_class=handlers.NotFoundHandler,
-        default_handler_args=args,
         static_path=handlers.STATIC_DIR,
         relay=relay,
     )

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from relay.app import Relay
 
 log = logging.getLogger("relay.stream")
+access_log = logging.getLogger("relay.access")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 RETRY_FRAME = encode_retry(3000)
@@ -40,10 +41,30 @@ ANONYMOUS = "anonymous"
 class BaseHandler(RequestHandler):
     """JSON errors, auth, and access to the shared `Relay`."""
 
-    relay: Relay
+    @property
+    def relay(self) -> Relay:
+        return self.application.settings["relay"]
 
-    def initialize(self, relay: Relay) -> None:
-        self.relay = relay
+    def set_default_headers(self) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin and self._origin_allowed(origin):
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Expose-Headers", "Retry-After")
+            self.add_header("Vary", "Origin")
+
+    def _origin_allowed(self, origin: str) -> bool:
+        allowed = self.relay.settings.cors_origins
+        return origin in allowed or "*" in allowed
+
+    def options(self, *args: str) -> None:
+        """CORS preflight: answered for allowed origins only (others get no CORS headers)."""
+        if self._origin_allowed(self.request.headers.get("Origin", "")):
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+            self.set_header(
+                "Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"
+            )
+            self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
 
     def send_relay_error(self, error: RelayError, retry_after: int | None = None) -> None:
         self.clear()
@@ -164,12 +185,18 @@ class AskMixin(BaseHandler):
         if len(self.relay.streams) >= self.relay.settings.max_streams:
             raise RelayError(503, "at_capacity", "the relay is at capacity; retry shortly")
 
+    def check_rate(self, user: str) -> None:
+        """``--rate-limit``: new streams per minute per client (its user, else its IP)."""
+        client = user if self.relay.settings.auth_tokens else self.request.remote_ip or "?"
+        wait = self.relay.rate.allow(client)
+        if wait:
+            raise RateLimited(wait)
+
 
 class EventStreamHandler(AskMixin):
     """Writes one session's events to one client, from a cursor, until the session ends."""
 
-    def initialize(self, relay: Relay) -> None:
-        super().initialize(relay)
+    def initialize(self) -> None:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._committed = False
@@ -264,8 +291,19 @@ class EventStreamHandler(AskMixin):
         finally:
             session.unsubscribe(self)
             relay.streams.discard(self)
+            duration = time.monotonic() - started
             relay.metrics.streams.labels(reason).inc()
-            relay.metrics.duration.observe(time.monotonic() - started)
+            relay.metrics.duration.observe(duration)
+            access_log.info(
+                "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
+                session.uid,
+                session.owner,
+                session.robot_id,
+                self.get_status(),
+                after,
+                duration,
+                reason,
+            )
         if not self._closed:
             self.finish()
 
@@ -308,6 +346,7 @@ class StreamAskHandler(EventStreamHandler):
             user = self.user_id()
             ask, robot = self.read_ask()
             self.check_capacity()
+            self.check_rate(user)
         except RelayError as e:
             return self.send_relay_error(e, retry_after=_retry_after(e))
         session = await relay.store.create(user, robot.robot_id, replayable=False)
@@ -329,6 +368,7 @@ class SessionsHandler(AskMixin):
         try:
             user = self.user_id()
             ask, robot = self.read_ask()
+            self.check_rate(user)
         except RelayError as e:
             return self.send_relay_error(e, retry_after=_retry_after(e))
         session = await relay.store.create(user, robot.robot_id, replayable=True)
@@ -401,5 +441,13 @@ def _too_large() -> RelayError:
     return RelayError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
 
 
+class RateLimited(RelayError):
+    def __init__(self, wait: int) -> None:
+        super().__init__(429, "rate_limited", "too many new streams; retry later")
+        self.wait = wait
+
+
 def _retry_after(error: RelayError) -> int | None:
-    return 1 if error.status in (429, 503) else None
+    if isinstance(error, RateLimited):
+        return error.wait
+    return 1 if error.status == 503 else None

@@ -36,6 +36,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "relay_upstream_errors", "Upstream failures by code", ["code"], registry=r
         )
+        self.upstream_responses = Counter(
+            "relay_upstream_responses", "Upstream answers by HTTP status", ["status"], registry=r
+        )
         self.key_retries = Counter(
             "relay_key_retries", "Upstream calls retried with another key", registry=r
         )

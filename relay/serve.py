@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 
@@ -11,6 +12,7 @@ from tornado.netutil import bind_sockets
 
 from relay.app import make_app
 from relay.config import Settings
+from relay.limits import fit_descriptors
 
 log = logging.getLogger("relay")
 
@@ -30,6 +32,7 @@ def run(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    settings = dataclasses.replace(settings, max_streams=fit_descriptors(settings.max_streams))
     sockets = bind_sockets(settings.port, settings.host)
     port = sockets[0].getsockname()[1]
     app = make_app(settings, self_url(settings.host, port))

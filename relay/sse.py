@@ -31,6 +31,7 @@ import codecs
 from dataclasses import dataclass
 
 __all__ = [
+    "EventTooLarge",
     "LineTooLong",
     "SSEParser",
     "ServerSentEvent",
@@ -52,6 +53,10 @@ class ServerSentEvent:
 
 class LineTooLong(ValueError):
     """A line grew beyond the parser's `max_line` bound."""
+
+
+class EventTooLarge(LineTooLong):
+    """An event's data (many lines, no blank line yet) grew beyond `max_event`."""
 
 
 class _LineDecoder:
@@ -133,8 +138,12 @@ class SSEParser:
     an unspecified state and must be discarded.
     """
 
-    def __init__(self, max_line: int = 1 << 20) -> None:
+    def __init__(self, max_line: int = 1 << 20, max_event: int = 4 << 20) -> None:
         self._lines = _LineDecoder(max_line)
+        # The data buffer is bounded too: many short data lines with no blank
+        # line would otherwise grow it without limit.
+        self._max_event = max_event
+        self._data_len = 0
         # "a data buffer, an event type buffer, and a last event ID buffer
         # must be associated with it. They must be initialized to the empty
         # string." Data lines are kept as a list and joined with LF at
@@ -187,6 +196,9 @@ class SSEParser:
             # "Append the field value to the data buffer, then append a single
             # U+000A LINE FEED (LF) character to the data buffer."
             self._data.append(value)
+            self._data_len += len(value) + 1
+            if self._data_len > self._max_event:
+                raise EventTooLarge(f"SSE event data longer than {self._max_event} characters")
         elif field == "event":
             # "Set the event type buffer to field value."
             self._event_type = value
@@ -231,6 +243,7 @@ class SSEParser:
         # "7. Set the data buffer and the event type buffer to the empty
         # string."
         self._data = []
+        self._data_len = 0
         self._event_type = ""
         return event
 

@@ -13,6 +13,9 @@ the session. Three things the stock client does not give and this module adds:
   since Tornado 5 and covered by the cancellation tests.
 * **An idle watchdog that ignores comments.** Only dispatched events count as
   upstream activity; the total time is bounded by ``request_timeout``.
+* **Resets reported.** A connection reset mid-body ends the fetch with the
+  error instead of leaving it pending (the stock close callback re-raises it
+  where nobody awaits it).
 * **A key pool.** A key answered 401/403/429 cools down and the next key is
   tried. Error statuses arrive before any body, so a retry can never follow
   relayed text.
@@ -84,6 +87,16 @@ class _CancellableConnection(_HTTPConnection):
         handle = getattr(request, "cancel_handle", None)
         if handle is not None:
             handle.connection = self
+
+    def on_connection_close(self) -> None:
+        # The stock method re-raises a socket error (a reset mid-body) inside the
+        # close callback, where it is only logged, and the fetch then never
+        # completes. Hand it to the fetch as its result instead.
+        error = self.stream.error
+        if self.final_callback is not None and error is not None:
+            self._handle_exception(type(error), error, None)
+        else:
+            super().on_connection_close()
 
 
 class CancellableHTTPClient(SimpleAsyncHTTPClient):
@@ -256,6 +269,8 @@ class UpstreamCall:
                 failure: Exception | None = None
             except Exception as e:  # noqa: BLE001 - any failure must end the session, not the task
                 failure = e
+            if self._status:
+                self.upstream.metrics.upstream_responses.labels(str(self._status)).inc()
             if self._status in RETRY_STATUSES and key is not None:
                 pool.cool(key)
                 if len(tried) < len(pool.keys) and not self._handle.cancelled:
@@ -345,6 +360,8 @@ class UpstreamCall:
         if not session.running:
             return  # cancelled from outside: the session already knows why
         error = self._failure or self._outcome_error(failure)
+        # Upstream messages are shown to the client and some echo the key.
+        error.message = redact(error.message, self.upstream.settings.api_keys)
         self.upstream.metrics.upstream_errors.labels(error.code).inc()
         log.info("upstream call for session %s ended: %s", session.uid[:8], error.code)
         session.fail(error)
@@ -363,7 +380,6 @@ class UpstreamCall:
             detail = error_message(ujson.loads(bytes(self._error_body)))
         except ValueError:
             detail = ""
-        detail = redact(detail, self.upstream.settings.api_keys)
         if self._status == 200:
             message = "the upstream answered 200 without an event stream"
         else:

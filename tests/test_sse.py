@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.sse import (
+    EventTooLarge,
     LineTooLong,
     ServerSentEvent,
     SSEParser,
@@ -528,12 +529,14 @@ def test_property_line_too_long_raised_regardless_of_chunking(case: tuple) -> No
     assert whole == split
 
 
-no_line_break = st.text(st.characters(blacklist_characters="\r\n"))
+no_line_break = st.text(st.characters(codec="utf-8", blacklist_characters="\r\n"))
 frame_fields = st.fixed_dictionaries(
     {"data": st.text()},
     optional={
         "event": no_line_break,
-        "id": st.one_of(st.text(st.characters(blacklist_characters="\r\n\0")), st.integers()),
+        "id": st.one_of(
+            st.text(st.characters(codec="utf-8", blacklist_characters="\r\n\0")), st.integers()
+        ),
         "retry": st.integers(min_value=0, max_value=10**12),
     },
 )
@@ -578,3 +581,16 @@ def test_property_encode_parse_round_trips_several_events_in_chunks(
     retries = [frame["retry"] for frame in frames if "retry" in frame]
     assert retry == (retries[-1] if retries else None)
     assert last_event_id == (expected[-1].id if expected else "")
+
+
+def test_event_too_large_for_many_short_data_lines_without_a_blank_line() -> None:
+    parser = SSEParser(max_line=100, max_event=1000)
+    with pytest.raises(EventTooLarge):
+        for _ in range(200):
+            parser.feed(b"data: " + b"x" * 50 + b"\n")
+
+
+def test_event_data_bound_resets_after_each_dispatch() -> None:
+    parser = SSEParser(max_line=100, max_event=1000)
+    for _ in range(200):
+        assert parser.feed(b"data: " + b"x" * 50 + b"\n\n") == [ServerSentEvent(data="x" * 50)]

@@ -1,0 +1,80 @@
+"""Admission limits: new streams per client per minute, and the descriptor budget."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+
+log = logging.getLogger("relay")
+
+# Descriptors kept back for the listening socket, logs, Redis, health checks.
+FD_RESERVE = 64
+
+
+class RateLimiter:
+    """A token bucket per client: ``per_minute`` new streams, refilled continuously.
+
+    ``allow`` answers 0 when the stream may start, else the whole seconds until it
+    could (for ``Retry-After``). Full buckets carry no information, so `prune`
+    drops them and the table only holds recently active clients.
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+
+    def allow(self, client: str, now: float | None = None) -> int:
+        if self.capacity <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        tokens, at = self._buckets.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            return 0
+        self._buckets[client] = (tokens, now)
+        return max(1, math.ceil((1.0 - tokens) / self.rate))
+
+    def prune(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        full = [
+            client
+            for client, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate >= self.capacity
+        ]
+        for client in full:
+            del self._buckets[client]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def fit_descriptors(max_streams: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; return the streams that fit.
+
+    Each stream holds two sockets (client and upstream). If ``max_streams`` of
+    them would not fit, the returned value is lower and a warning says so.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("raised the open-file limit from %d to %d", soft, target)
+            soft = target
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit above %d", soft)
+    fitting = max(1, (soft - FD_RESERVE) // 2)
+    if max_streams > fitting:
+        log.warning(
+            "--max-streams=%d needs %d descriptors but the limit is %d; using %d",
+            max_streams,
+            2 * max_streams + FD_RESERVE,
+            soft,
+            fitting,
+        )
+        return fitting
+    return max_streams

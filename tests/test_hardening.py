@@ -1,0 +1,341 @@
+"""Hard to break: limits, CORS, slow clients, upstream faults, secrets, metrics, access log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+
+import pytest
+from tornado.iostream import IOStream
+
+from relay.limits import RateLimiter
+from tests.conftest import ASK, fetch_stream
+from tests.fakeupstream import answer_frames, chunk, hang, send_frames, start_stream, status
+
+
+def port_of(rs) -> int:
+    return int(rs.url.rsplit(":", 1)[1])
+
+
+async def open_raw_stream(rs, body: dict = ASK, rcvbuf: int | None = None) -> IOStream:
+    """POST streamAsk on a raw socket and return it without reading the answer."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    stream = IOStream(sock)
+    await stream.connect(("127.0.0.1", port_of(rs)))
+    data = json.dumps(body).encode()
+    await stream.write(
+        b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    return stream
+
+
+def assert_nothing_left(rs) -> None:
+    relay = rs.relay
+    assert len(relay.store) == 0
+    assert not relay.streams
+    assert not relay.upstream.calls
+    assert not relay.upstream.client.active
+
+
+async def settle(rs, seconds: float = 2.0) -> None:
+    """Wait until the relay has let go of every stream and call (or time out)."""
+    for _ in range(int(seconds / 0.02)):
+        relay = rs.relay
+        if not (len(relay.store) or relay.streams or relay.upstream.calls):
+            return
+        await asyncio.sleep(0.02)
+
+
+# -- capacity and rate ------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_max_streams_reached_is_503_with_retry_after_and_server_stays_responsive(
+    make_relay, fake
+):
+    rs = make_relay(upstream=fake.url, max_streams=2)
+    fake.script = send_frames(answer_frames(["a"], finish=False), then_hang=3)
+    held = [await open_raw_stream(rs) for _ in range(2)]
+    for s in held:
+        await s.read_until(b"id: 1\n")
+    res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 503
+    assert res.headers["retry-after"] == "1"
+    assert res.json()["error"]["code"] == "at_capacity"
+    health = await fetch_stream(rs.url + "/healthz")
+    assert health.status == 200 and health.json()["streams"] == 2
+    for s in held:
+        s.close()
+
+
+@pytest.mark.gen_test
+async def test_rate_limit_is_429_with_retry_after_per_client(make_relay, fake):
+    rs = make_relay(upstream=fake.url, rate_limit=2, auth_tokens={"ta": "alice", "tb": "bob"})
+    alice = {"Authorization": "Bearer ta"}
+    for path in ("/aianswer/streamAsk", "/aianswer/sessions"):
+        res = await fetch_stream(rs.url + path, ASK, headers=alice)
+        assert res.status in (200, 201)
+    res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK, headers=alice)
+    assert res.status == 429 and res.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(res.headers["retry-after"]) <= 30
+    # Another client has its own budget; reconnects to a session are not counted.
+    res = await fetch_stream(
+        rs.url + "/aianswer/sessions", ASK, headers={"Authorization": "Bearer tb"}
+    )
+    assert res.status == 201
+    for _ in range(3):
+        again = await fetch_stream(rs.url + res.json()["streamUrl"])
+        assert again.status == 200
+
+
+def test_rate_limiter_refills_and_prunes_full_buckets():
+    limiter = RateLimiter(per_minute=60)
+    assert all(limiter.allow("c", now=0.0) == 0 for _ in range(60))
+    assert limiter.allow("c", now=0.0) == 1
+    assert limiter.allow("c", now=1.0) == 0
+    limiter.prune(now=1000.0)
+    assert len(limiter) == 0
+
+
+# -- CORS -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_cors_only_for_allowed_origins_and_preflight_works(make_relay, fake):
+    rs = make_relay(upstream=fake.url, cors_origins=("https://chat.example",))
+    good = {"Origin": "https://chat.example"}
+    res = await fetch_stream(rs.url + "/aianswer/robots", headers=good)
+    assert res.headers["access-control-allow-origin"] == "https://chat.example"
+    res = await fetch_stream(
+        rs.url + "/aianswer/robots", headers={"Origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in res.headers
+    pre = await fetch_stream(
+        rs.url + "/aianswer/streamAsk",
+        method="OPTIONS",
+        headers={**good, "Access-Control-Request-Method": "POST"},
+    )
+    assert pre.status == 204
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "Authorization" in pre.headers["access-control-allow-headers"]
+    assert fake.requests == []
+
+
+# -- slow and dead clients -------------------------------------------------------------------
+
+
+def flood(frame_size: int, count: int, counter: dict) -> object:
+    """An upstream that sends ``count`` content chunks of ``frame_size`` bytes as fast as it can."""
+    frame = f"data: {chunk({'content': 'x' * frame_size})}\n\n".encode()
+
+    async def script(handler, body, key):
+        start_stream(handler)
+        for _ in range(count):
+            await handler.send(frame * 16)
+            counter["sent"] += len(frame) * 16
+
+    return script
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_client_reading_nothing_never_makes_the_relay_buffer_the_flood(make_relay, fake):
+    rs = make_relay(upstream=fake.url, send_timeout=30)
+    counter = {"sent": 0}
+    fake.script = flood(4096, 2000, counter)  # ~130 MB offered
+    before = rss_bytes()
+    stream = await open_raw_stream(rs, rcvbuf=4096)
+    await asyncio.sleep(2.0)
+    # Back-pressure: the upstream could only send what the session's high-water
+    # mark plus the socket buffers hold, far below what it offered.
+    assert counter["sent"] < 16 << 20
+    assert rss_bytes() - before < 48 << 20
+    stream.close()
+    await settle(rs)
+    assert_nothing_left(rs)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_client_not_draining_past_send_timeout_is_disconnected_and_upstream_cancelled(
+    make_relay, fake
+):
+    rs = make_relay(upstream=fake.url, send_timeout=0.5)
+    counter = {"sent": 0}
+    fake.script = flood(4096, 20000, counter)
+    stream = await open_raw_stream(rs, rcvbuf=4096)
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    await settle(rs)
+    assert_nothing_left(rs)
+    stream.close()
+
+
+@pytest.mark.gen_test
+async def test_client_leaving_before_the_first_event_cancels_the_upstream(relay, fake):
+    fake.script = hang(30)
+    stream = await open_raw_stream(relay)
+    await asyncio.sleep(0.2)
+    stream.close()
+    await asyncio.wait_for(fake.disconnected.wait(), 1)
+    await settle(relay)
+    assert_nothing_left(relay)
+
+
+# -- faults upstream -------------------------------------------------------------------------
+
+
+def reset_mid_stream():
+    async def script(handler, body, key):
+        start_stream(handler)
+        for frame in answer_frames(["a", "b"], finish=False):
+            await handler.send(frame)
+        await asyncio.sleep(0.2)  # let the relay read them: a reset drops unread data
+        sock = handler.request.connection.stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.request.connection.stream.close()
+
+    return script
+
+
+def not_a_stream():
+    async def script(handler, body, key):
+        handler.set_header("Content-Type", "application/json")
+        handler.write({"id": "x", "choices": [{"message": {"content": "whole answer"}}]})
+
+    return script
+
+
+GARBAGE = bytes(range(256)) * 64
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    ("scenario", "status_code", "code"),
+    [
+        ("reset", 200, "upstream_closed"),
+        ("garbage", 502, "upstream_closed"),
+        ("not_a_stream", 502, "upstream_error"),
+        ("huge_line", 200, "upstream_bad_chunk"),
+        ("huge_event", 200, "upstream_bad_chunk"),
+        ("status_503", 502, "upstream_error"),
+    ],
+)
+async def test_upstream_faults_give_the_contract_error_and_free_everything(
+    relay, fake, scenario, status_code, code
+):
+    first = answer_frames(["a"], finish=False)
+    fake.script = {
+        "reset": reset_mid_stream(),
+        "garbage": send_frames([GARBAGE]),
+        "not_a_stream": not_a_stream(),
+        "huge_line": send_frames([*first, b"data: " + b"x" * (2 << 20)], then_hang=5),
+        "huge_event": send_frames([*first, b"data: xxxxxxxxxx\n" * (1 << 19)], then_hang=5),
+        "status_503": status(503),
+    }[scenario]
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.status == status_code
+    if status_code == 200:
+        assert json.loads(res.events[-1].data)["error"]["code"] == code
+    else:
+        assert res.json()["error"]["code"] == code
+    await settle(relay)
+    assert_nothing_left(relay)
+    fake.script = send_frames(answer_frames(["fine"]))
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.text() == "fine"
+
+
+# -- secrets, metrics, access log --------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_secrets_never_reach_logs_errors_or_responses(make_relay, fake, caplog):
+    key1, key2, token = "sk-DISTINCT-KEY-one", "sk-DISTINCT-KEY-two", "tok-DISTINCT-TOKEN"
+    question = "SECRET-QUESTION-BODY"
+    rs = make_relay(
+        upstream=fake.url,
+        api_keys=(key1, key2),
+        auth_tokens={token: "alice"},
+        upstream_idle_timeout=0.3,
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    ask = {**ASK, "aiQuestion": question}
+    caplog.set_level(logging.DEBUG)
+    seen = []
+    scripts = [
+        status(401, f"Incorrect API key provided: {key1} {key2}"),
+        status(500, f"internal error for {key1}"),
+        hang(5),
+        send_frames([f"data: {json.dumps({'error': {'message': key2}})}\n\n".encode()]),
+        send_frames([b"data: {" + key1.encode() + b"\n\n"]),
+        send_frames(answer_frames(["ok"])),
+    ]
+    for script in scripts:
+        fake.script = script
+        for path in ("/aianswer/streamAsk", "/aianswer/sessions"):
+            res = await fetch_stream(rs.url + path, ask, headers=auth)
+            seen.append(res.raw)
+            if res.status == 201:
+                seen.append((await fetch_stream(rs.url + res.json()["streamUrl"])).raw)
+    bad_auth = {"Authorization": "Bearer tok-DISTINCT-WRONG"}
+    seen.append((await fetch_stream(rs.url + "/aianswer/streamAsk", ask, headers=bad_auth)).raw)
+    seen.append((await fetch_stream(rs.url + "/aianswer/streamAsk", b"{" + question.encode())).raw)
+    seen.append((await fetch_stream(rs.url + "/metrics")).raw)
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    assert "stream end" in logged  # the capture did see the relay's logs
+    everything = logged.encode() + b"\n".join(seen)
+    for secret in (key1, key2, token, "tok-DISTINCT-WRONG", question):
+        assert secret.encode() not in everything, secret
+
+
+@pytest.mark.gen_test
+async def test_metrics_expose_streams_events_errors_and_ttft(relay, fake):
+    fake.script = send_frames(answer_frames(["a", "b"]))
+    await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    fake.script = status(500)
+    await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    res = await fetch_stream(relay.url + "/metrics")
+    text = res.raw.decode()
+    assert res.headers["content-type"].startswith("text/plain")
+    for line in (
+        "relay_active_streams 0.0",
+        "relay_active_sessions 0.0",
+        "relay_events_relayed_total 4.0",
+        'relay_upstream_errors_total{code="upstream_error"} 1.0',
+        'relay_upstream_responses_total{status="500"} 1.0',
+        "relay_time_to_first_token_seconds_count 1.0",
+        "relay_cooling_keys 0.0",
+    ):
+        assert line in text, line
+
+
+@pytest.mark.gen_test
+async def test_one_access_log_line_per_stream_end(relay, fake, caplog):
+    caplog.set_level(logging.INFO, logger="relay.access")
+    fake.script = send_frames(answer_frames(["a"]))
+    await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    for field in ("uid=", "user=anonymous", "robot=1", "status=200", "events=3", "reason=done"):
+        assert field in line, line
+
+
+@pytest.mark.gen_test
+async def test_event_streams_are_never_compressed(relay, fake):
+    fake.script = send_frames(answer_frames(["a" * 2000]))
+    res = await fetch_stream(
+        relay.url + "/aianswer/streamAsk", ASK, headers={"Accept-Encoding": "gzip"}
+    )
+    assert "content-encoding" not in res.headers
+    assert res.text() == "a" * 2000
