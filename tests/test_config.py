@@ -100,7 +100,8 @@ def test_server_stops_on_unknown_flag_with_one_line():
     assert proc.stderr.strip().splitlines() == ["relay: unknown flag --bogus"]
 
 
-def test_server_process_streams_the_demo_and_exits_0_on_sigterm():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_server_process_streams_the_demo_and_exits_0_on_signal(sig):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     proc = subprocess.Popen(
@@ -130,10 +131,24 @@ def test_server_process_streams_the_demo_and_exits_0_on_sigterm():
             seen = b""
             while b"id: 3\n" not in seen:
                 seen += r.readline()
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             rest = r.read()
         assert b"event: error" in rest and b'"shutdown"' in rest
         assert proc.wait(timeout=10) == 0
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_descriptor_limit_is_raised_and_max_streams_lowered_to_fit():
+    code = (
+        "import resource, logging; logging.basicConfig();"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 264));"
+        "from relay.limits import fit_descriptors;"
+        "print(fit_descriptors(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == ["100", "264"]
+    assert "--max-streams=1000 needs 2064 descriptors but the limit is 264; using 100" in proc.stderr
