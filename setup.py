@@ -15,6 +15,7 @@ setup(
         "tornado>=6.3",
         "ujson>=5.8",
         "prometheus-client>=0.17",
+        "redis>=5",
     ],
     extras_require={
         "test": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tornado.ioloop import PeriodicCallback
 from tornado.web import Application
@@ -17,6 +17,9 @@ from relay.limits import RateLimiter
 from relay.metrics import Metrics
 from relay.sessions import MemoryStore
 from relay.upstream import Upstream
+
+if TYPE_CHECKING:
+    from relay.redis_store import RedisStore
 
 log = logging.getLogger("relay")
 
@@ -40,7 +43,7 @@ class Relay:
     def __init__(self, settings: Settings, upstream_url: str) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store = MemoryStore(settings.session_ttl)
+        self.store = make_store(settings)
         self.upstream = Upstream(settings, upstream_url, self.metrics)
         self.streams: set[Watched] = set()
         self.rate = RateLimiter(settings.rate_limit)
@@ -59,6 +62,7 @@ class Relay:
         self._prune = PeriodicCallback(self.prune, settings.prune_interval * 1000)
 
     def start(self) -> None:
+        self.store.start()
         self._tick.start()
         self._prune.start()
 
@@ -84,6 +88,16 @@ class Relay:
             await asyncio.sleep(0.05)
         self._tick.stop()
         self.upstream.close()
+        await self.store.close()
+
+
+def make_store(settings: Settings) -> MemoryStore | RedisStore:
+    """The session store ``--store`` names: in memory (default) or Redis."""
+    if settings.store.startswith("redis://"):
+        from relay.redis_store import RedisStore  # redis is only imported when used
+
+        return RedisStore(settings.store, settings.session_ttl)
+    return MemoryStore(settings.session_ttl)
 
 
 def make_app(settings: Settings, self_url: str) -> Application:

@@ -266,6 +266,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     if s.store != "memory" and not s.store.startswith("redis://"):
         raise ConfigError("--store must be memory or redis://host:port/db")
+    if s.workers != 1 and s.store == "memory":
+        raise ConfigError("--workers other than 1 needs --store=redis://host:port/db")
 
 
 def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:

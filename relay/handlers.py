@@ -135,6 +135,7 @@ class HealthHandler(BaseHandler):
         self.write(
             {
                 "status": "ok",
+                "pid": os.getpid(),
                 "streams": len(self.relay.streams),
                 "sessions": len(self.relay.store),
             }
@@ -369,9 +370,9 @@ class SessionsHandler(AskMixin):
             user = self.user_id()
             ask, robot = self.read_ask()
             self.check_rate(user)
+            session = await relay.store.create(user, robot.robot_id, replayable=True)
         except RelayError as e:
             return self.send_relay_error(e, retry_after=_retry_after(e))
-        session = await relay.store.create(user, robot.robot_id, replayable=True)
         relay.upstream.start(session, robot, ask)
         self.set_status(201)
         self.write({"uid": session.uid, "streamUrl": f"/aianswer/stream/{session.uid}"})
@@ -386,10 +387,10 @@ class SessionHandler(BaseHandler):
             session = await self.relay.store.get(uid)
             if session is None or session.owner != user:
                 raise RelayError(404, "not_found", "no such session")
+            session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
+            await self.relay.store.remove(uid)
         except RelayError as e:
-            return self.send_relay_error(e)
-        session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
-        await self.relay.store.remove(uid)
+            return self.send_relay_error(e, retry_after=_retry_after(e))
         self.set_status(204)
 
 
@@ -404,7 +405,7 @@ class SessionStreamHandler(EventStreamHandler):
         relay = self.relay
         try:
             session = await relay.store.get(uid)
-            if session is None or not self._may_read(session):
+            if session is None or not session.replayable or not self._may_read(session):
                 raise RelayError(404, "not_found", "no such session")
             self.check_capacity()
         except RelayError as e:

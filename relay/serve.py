@@ -1,11 +1,21 @@
-"""Running the server: sockets, logging, the descriptor limit and signals."""
+"""Running the server: sockets, logging, the descriptor budget, workers and signals.
+
+With ``--workers=N`` (0 = one per core) the parent binds N listening sockets
+on the same port with SO_REUSEPORT, so the kernel spreads new connections
+evenly, forks one worker per socket and supervises them: a worker that dies is
+restarted; SIGTERM or SIGINT is passed on to every worker, and the parent exits
+0 when they all have. Workers share sessions through the Redis store (config
+validation refuses ``--workers`` with the memory store).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import socket
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -26,25 +36,69 @@ def self_url(host: str, port: int) -> str:
 
 def run(settings: Settings) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(_serve(settings))
-
-
-async def _serve(settings: Settings) -> int:
     settings = dataclasses.replace(settings, max_streams=fit_descriptors(settings.max_streams))
-    sockets = bind_sockets(settings.port, settings.host)
+    workers = settings.workers or os.cpu_count() or 1
+    if workers == 1:
+        return asyncio.run(_serve(settings, bind_sockets(settings.port, settings.host)))
+    first = bind_sockets(settings.port, settings.host, reuse_port=True)
+    port = first[0].getsockname()[1]
+    groups = [first] + [
+        bind_sockets(port, settings.host, reuse_port=True) for _ in range(workers - 1)
+    ]
+    return _supervise(dataclasses.replace(settings, port=port), groups)
+
+
+def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for other, sockets in enumerate(groups):
+                    if other != index:
+                        for sock in sockets:
+                            sock.close()
+                code = asyncio.run(_serve(settings, groups[index]))
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(len(groups)):
+        spawn(index)
+    log.info("started %d workers on port %d", len(groups), settings.port)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid)
+        if not stopping:
+            log.warning("worker %d (pid %d) exited with %d; restarting", index, pid, status)
+            spawn(index)
+    return 0
+
+
+async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     port = sockets[0].getsockname()[1]
     app = make_app(settings, self_url(settings.host, port))
     server = HTTPServer(app, idle_connection_timeout=75)
     server.add_sockets(sockets)
     relay = app.settings["relay"]
     upstream = settings.upstream or "the embedded demo"
-    log.info(
-        "relay listening on %s, upstream %s",
-        self_url(settings.host, port),
-        _safe(upstream),
-    )
+    log.info("relay listening on %s, upstream %s", self_url(settings.host, port), _safe(upstream))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

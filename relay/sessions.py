@@ -80,6 +80,9 @@ class Session:
         self._subscribers: dict[Subscriber, int] = {}  # subscriber -> total_bytes it has read
         self._room: asyncio.Future[None] | None = None
         self.on_cancel: Callable[[], None] | None = None
+        # Told of every append and of the end, without counting as readers for
+        # back-pressure (the Redis writer is one).
+        self.observers: list[Callable[[], None]] = []
 
     # -- the upstream side -------------------------------------------------
 
@@ -91,8 +94,11 @@ class Session:
         """Number and keep one event; wake the readers."""
         if self.state != RUNNING:
             return
+        self.push_frame(encode_event(data, id=self.last_seq + 1))
+
+    def push_frame(self, frame: bytes) -> None:
+        """Keep one already encoded frame as event ``last_seq + 1``; wake the readers."""
         self.last_seq += 1
-        frame = encode_event(data, id=self.last_seq)
         self._frames.append(frame)
         self._kept_bytes += len(frame)
         self.total_bytes += len(frame)
@@ -157,6 +163,8 @@ class Session:
     def _wake_all(self) -> None:
         for sub in self._subscribers:
             sub.wake()
+        for observer in self.observers:
+            observer()
 
     # -- the reader side ---------------------------------------------------
 
@@ -170,8 +178,9 @@ class Session:
         self._release_room()
 
     @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
+    def first_seq(self) -> int:
+        """The sequence number of the oldest kept event (``last_seq + 1`` when none)."""
+        return self._first_seq
 
     def check_cursor(self, after: int) -> bool:
         """Whether events after ``after`` can be read with no gap: 0 <= after <= last_seq
@@ -186,13 +195,17 @@ class Session:
             while self._first_seq <= after:
                 self._kept_bytes -= len(self._frames.popleft())
                 self._first_seq += 1
-        start = after - self._first_seq + 1
-        frames = list(self._frames) if start == 0 else list(islice(self._frames, start, None))
+        frames = self.frames_after(after)
         if frames or sub in self._subscribers:
             self._subscribers[sub] = self.total_bytes
             if self._room is not None and self.lag() <= self.limits.high_water // 2:
                 self._release_room()
         return frames
+
+    def frames_after(self, after: int) -> list[bytes]:
+        """The kept frames numbered after ``after`` (from the oldest kept one if it is older)."""
+        start = max(0, after - self._first_seq + 1)
+        return list(self._frames) if start == 0 else list(islice(self._frames, start, None))
 
     @property
     def error_frame(self) -> bytes:
@@ -232,6 +245,16 @@ class MemoryStore:
         session = Session(new_uid(), owner, robot_id, replayable, self.limits)
         self._sessions[session.uid] = session
         return session
+
+    def start(self) -> None:
+        """Nothing to start: the prune callback is the app's."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def find(self, uid: str) -> Session | None:
+        """The session with this uid, expired or not (no I/O)."""
+        return self._sessions.get(uid)
 
     async def get(self, uid: str) -> Session | None:
         session = self._sessions.get(uid)

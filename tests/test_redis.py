@@ -1,0 +1,278 @@
+"""Scale-out through Redis: real redis-server, relays as real processes on two ports.
+
+The fake upstream runs in the test process; the relays are `python server.py`
+subprocesses pointed at it and at one redis-server started on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.iostream import IOStream
+
+from tests.conftest import ASK, fetch_stream
+from tests.fakeupstream import hang, stream_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+TOKENS = [f"片段{i} " for i in range(40)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                REDIS,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class RelayProcess:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "server.py", f"--port={self.port}", *args],
+            cwd=ROOT,
+            env=env,
+            stderr=log.open("w"),
+        )
+
+    async def ready(self) -> None:
+        client = AsyncHTTPClient(force_instance=True)
+        deadline = time.monotonic() + 15
+        try:
+            while True:
+                assert self.proc.poll() is None, self.log.read_text()
+                try:
+                    await client.fetch(self.url + "/healthz", request_timeout=1)
+                    return
+                except (OSError, HTTPClientError):
+                    assert time.monotonic() < deadline, self.log.read_text()
+                    await asyncio.sleep(0.1)
+        finally:
+            client.close()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@pytest.fixture
+def relays(io_loop, fake, redis_server, tmp_path):
+    """Start relay processes sharing ``redis_server``: ``await relays(*extra_args)``."""
+    started: list[RelayProcess] = []
+
+    async def start(*args: str) -> RelayProcess:
+        rp = RelayProcess(
+            [f"--upstream={fake.url}", f"--store={redis_server.url}", *args],
+            tmp_path / f"relay{len(started)}.log",
+        )
+        started.append(rp)
+        await rp.ready()
+        return rp
+
+    yield start
+    for rp in started:
+        rp.stop()
+
+
+async def create(rp: RelayProcess) -> dict:
+    res = await fetch_stream(rp.url + "/aianswer/sessions", ASK)
+    assert res.status == 201, res.raw
+    return res.json()
+
+
+async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", rp.port))
+    await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    data = await stream.read_until(b"id: %d\n" % last_id)
+    stream.close()
+    return data
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_create_on_one_process_stream_from_another(relays, fake):
+    a, b = await relays(), await relays()
+    fake.script = stream_tokens(TOKENS, delay=0.01)
+    created = await create(a)
+    res = await fetch_stream(b.url + created["streamUrl"])
+    assert res.status == 200
+    assert res.text() == "".join(TOKENS)
+    assert [int(e.id) for e in res.events] == list(range(1, len(TOKENS) + 3))
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_drop_mid_answer_and_resume_on_the_other_process(relays, fake):
+    a, b = await relays(), await relays()
+    fake.script = stream_tokens(TOKENS, delay=0.02)
+    created = await create(a)
+    await read_until_id(a, created["streamUrl"], 9)
+    res = await fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "9"})
+    ids = [int(e.id) for e in res.events]
+    assert ids == list(range(10, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[9:])
+    # And the same from the creating process once it has finished: 204, nothing left.
+    res = await fetch_stream(a.url + created["streamUrl"], headers={"Last-Event-ID": str(ids[-1])})
+    assert res.status == 204
+    res = await fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": str(ids[-1])})
+    assert res.status == 204
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_delete_on_b_cancels_the_upstream_call_running_on_a(relays, fake):
+    a, b = await relays(), await relays()
+    fake.script = hang(60)
+    created = await create(a)
+    reader = asyncio.ensure_future(fetch_stream(a.url + created["streamUrl"]))
+    await asyncio.sleep(0.3)
+    res = await fetch_stream(b.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 2)
+    streamed = await asyncio.wait_for(reader, 5)
+    assert json.loads(streamed.events[-1].data)["error"]["code"] == "cancelled"
+    assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_session_expires_through_redis(relays, fake, redis_server):
+    a = await relays("--session-ttl=1", "--prune-interval=0.2")
+    b = await relays("--session-ttl=1", "--prune-interval=0.2")
+    fake.script = stream_tokens(["a"])
+    created = await create(a)
+    assert (await fetch_stream(b.url + created["streamUrl"])).text() == "a"
+    r = redis_server.client()
+    key = f"relay:session:{created['uid']}"
+    assert r.exists(key, key + ":events") == 2
+    await asyncio.sleep(2.5)
+    assert r.exists(key, key + ":events") == 0  # Redis expired them
+    assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
+    assert (await fetch_stream(a.url + created["streamUrl"])).status == 404
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_redis_killed_mid_stream_and_restarted(relays, fake, redis_server):
+    a, b = await relays(), await relays()
+    fake.script = stream_tokens(TOKENS, delay=0.05)
+    created = await create(a)
+    reader_b = asyncio.ensure_future(fetch_stream(b.url + created["streamUrl"], timeout=40))
+    one_shot = asyncio.ensure_future(fetch_stream(a.url + "/aianswer/streamAsk", ASK, timeout=40))
+    await asyncio.sleep(0.5)
+    redis_server.stop()
+    # Redis down: new sessions are refused quickly and clearly; one-shot streams go on.
+    began = time.monotonic()
+    res = await fetch_stream(a.url + "/aianswer/sessions", ASK)
+    assert res.status == 503 and res.json()["error"]["code"] == "store_unavailable"
+    assert time.monotonic() - began < 5
+    await asyncio.sleep(0.5)
+    redis_server.start()  # same port, empty: the writer rewrites what Redis lost
+    assert (await one_shot).text() == "".join(TOKENS)
+    res = await reader_b
+    assert res.text() == "".join(TOKENS)
+    ids = [int(e.id) for e in res.events]
+    assert ids == list(range(1, len(TOKENS) + 3))
+    # And Redis serves new sessions again.
+    created = await create(a)
+    res = await fetch_stream(b.url + created["streamUrl"])
+    assert res.text() == "".join(TOKENS)
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_workers_2_serves_from_both_processes(relays, fake):
+    rp = await relays("--workers=2")
+    fake.script = stream_tokens(["w"])
+    pids = set()
+    for _ in range(60):
+        res = await fetch_stream(rp.url + "/healthz")
+        pids.add(res.json()["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2 and rp.proc.pid not in pids
+    results = await asyncio.gather(
+        *(fetch_stream(rp.url + "/aianswer/streamAsk", ASK) for _ in range(10))
+    )
+    assert [r.text() for r in results] == ["w"] * 10
+    created = await create(rp)
+    assert (await fetch_stream(rp.url + created["streamUrl"])).text() == "w"
+    assert rp.stop() == 0
+
+
+def test_workers_with_the_memory_store_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "server.py", "--workers=2"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "--store=redis://" in proc.stderr
