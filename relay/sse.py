@@ -267,6 +267,15 @@ def encode_event(
     itself starts with a space survives the parser's space stripping. Empty
     data gives one empty `data:` line, which still dispatches an event.
     """
+    if (
+        event is None
+        and retry is None
+        and type(id) is int
+        and "\n" not in data
+        and "\r" not in data
+    ):
+        # The relay's hot path: a numbered one-line event (an upstream JSON chunk).
+        return b"id: %d\ndata: %s\n\n" % (id, data.encode())
     parts: list[str] = []
     if event is not None:
         _check_no_line_break("event", event)
