@@ -127,6 +127,7 @@ def make_app(settings: Settings, self_url: str) -> Application:
         routes,
         default_handler_class=handlers.NotFoundHandler,
         static_path=handlers.STATIC_DIR,
+        static_handler_class=handlers.StaticHandler,
         relay=relay,
     )
     relay.start()

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from relay.ask import MAX_BODY, Ask, parse_ask
 from relay.config import Robot
@@ -111,8 +111,16 @@ class IndexHandler(BaseHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
         with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
             self.write(f.read())
+
+
+class StaticHandler(StaticFileHandler):
+    """The page's JS and CSS: revalidated on every load, so a deploy is seen at once."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")
 
 
 class NotFoundHandler(BaseHandler):

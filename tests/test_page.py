@@ -1,0 +1,479 @@
+"""The chat page (static/): Debian's Chromium, driven by Playwright, against real relays.
+
+Each test body runs on its own Tornado IOLoop, which serves the relay and the fake
+upstream; the browser lives on a thread of its own (tests/browser.py) and page
+actions are handed to it with ``await chat.run(...)``.
+
+``RELAY_SCREENSHOT=1 python -m pytest tests/test_page.py -k demo`` refreshes
+docs/screenshot.png (a finished demo answer to a Chinese question); other runs
+write the screenshot to a temporary directory, so the tree stays clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from relay import demo
+from relay.config import Robot
+from relay.sse import SSEParser
+from tests.browser import CHROMIUM, BrowserThread, ChatPage
+from tests.fakeupstream import (
+    answer_frames,
+    chunk,
+    hang,
+    send_frames,
+    start_stream,
+    status,
+    stream_tokens,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+
+TOKENS = ["尊敬", "的", "用户", "，", "\n\n", "<b>not", " bold</b>", " &amp;", "\n", "  end", "。"]
+TEXT = "".join(TOKENS)
+TIMEOUT = 30
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Chromium here")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    bt = BrowserThread()
+    yield bt
+    bt.close()
+
+
+@pytest.fixture
+def open_chat(browser, make_relay, fake):
+    """``open_chat(**context_options)`` -> a fresh ChatPage (own localStorage).
+
+    It depends on the relay fixtures so that pages close before the servers stop.
+    """
+    pages: list[ChatPage] = []
+
+    def new(**options) -> ChatPage:
+        options.setdefault("viewport", {"width": 900, "height": 760})
+        chat = browser.new_page(**options)
+        pages.append(chat)
+        return chat
+
+    yield new
+    errors = [e for chat in pages for e in chat.errors]
+    for chat in pages:
+        chat.close()
+    assert not errors, errors
+
+
+# -- helpers that run on the browser's loop ------------------------------------
+
+TURN_INFO = """n => {
+  const t = document.querySelectorAll('.turn')[n];
+  if (!t) return null;
+  const error = t.querySelector('.error');
+  return {
+    state: t.dataset.state,
+    question: t.querySelector('.question').textContent,
+    text: t.querySelector('.body').textContent,
+    html: t.querySelector('.text').innerHTML,
+    error: error.hidden ? null : t.querySelector('.error-text').textContent,
+    retry: !error.hidden && getComputedStyle(t.querySelector('.retry')).display !== 'none',
+    stats: t.querySelector('.meta').hidden ? null : t.querySelector('.stats').textContent,
+    cursor: getComputedStyle(t.querySelector('.cursor')).display !== 'none',
+    whiteSpace: getComputedStyle(t.querySelector('.text')).whiteSpace,
+  };
+}"""
+
+
+async def open_page(page, url: str) -> None:
+    await page.goto(url + "/")
+    await page.wait_for_selector("html[data-ready]", state="attached")
+
+
+async def ask(page, question: str) -> None:
+    await page.fill("#question", question)
+    await page.press("#question", "Enter")
+
+
+async def turn_info(page, n: int = 0) -> dict | None:
+    return await page.evaluate(TURN_INFO, n)
+
+
+async def wait_state(page, n: int, *states: str) -> dict:
+    await page.wait_for_function(
+        "([n, states]) => { const t = document.querySelectorAll('.turn')[n];"
+        " return !!t && states.includes(t.dataset.state); }",
+        arg=[n, list(states)],
+    )
+    return await turn_info(page, n)
+
+
+async def wait_text(page, n: int, text: str) -> None:
+    await page.wait_for_function(
+        "([n, text]) => { const t = document.querySelectorAll('.turn')[n];"
+        " return !!t && t.querySelector('.body').textContent === text; }",
+        arg=[n, text],
+    )
+
+
+async def wait_until(predicate, timeout: float = 10) -> None:
+    """Poll a condition on the test's own loop (relay state)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def gated(tokens: list[str], first: int, gate: asyncio.Event):
+    """A fake-upstream script: the first ``first`` tokens, then wait for ``gate``, then the rest."""
+    frames = answer_frames(tokens)
+
+    async def script(handler, body, key):
+        start_stream(handler)
+        for frame in frames[: first + 1]:  # the role chunk, then ``first`` tokens
+            await handler.send(frame)
+        await gate.wait()
+        for frame in frames[first + 1 :]:
+            await handler.send(frame)
+
+    return script
+
+
+def hanging(tokens: list[str], seconds: float = 30):
+    """Some tokens, then silence (no finish, no [DONE])."""
+    frames = answer_frames(tokens, finish=False)
+
+    async def script(handler, body, key):
+        start_stream(handler)
+        for frame in frames:
+            await handler.send(frame)
+        await asyncio.sleep(seconds)
+
+    return script
+
+
+MODES = pytest.mark.parametrize("mode", ["oneshot", "resumable"])
+
+
+async def open_in_mode(chat: ChatPage, url: str, mode: str) -> None:
+    await chat.run(open_page(chat.page, url))
+    if mode == "resumable":
+        await chat.run(chat.page.check("#resumable"))
+
+
+# -- the tests -----------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_demo_answer_appears_complete_and_exact(make_relay, open_chat, tmp_path):
+    rs = make_relay(demo_token_delay=0.002)
+    chat = open_chat(permissions=["clipboard-read", "clipboard-write"])
+    page = chat.page
+    await chat.run(open_page(page, rs.url))
+    name = rs.relay.settings.robots[0].name
+    await chat.run(page.wait_for_selector(f"#robot option:text-is('{name}')", state="attached"))
+    question = "你好！请介绍一下这个中继服务器。"
+    await chat.run(ask(page, question))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["error"] is None
+    assert info["question"] == question
+    assert info["text"] == demo.answer_for(question)
+    assert "\n\n" in info["text"] and info["whiteSpace"] == "pre-wrap"
+    assert not info["cursor"], "the cursor goes away when the answer is complete"
+    assert "first token" in info["stats"] and "tokens/s" in info["stats"]
+    assert await chat.run(page.is_enabled("#send"))
+    assert not await chat.run(page.is_enabled("#stop"))
+    # docs/screenshot.png changes with every run (timings), so only write it on request.
+    target = SCREENSHOT if os.environ.get("RELAY_SCREENSHOT") else tmp_path / "screenshot.png"
+    await chat.run(page.evaluate("document.activeElement.blur()"))
+    await chat.run(page.screenshot(path=str(target)))
+    assert target.stat().st_size > 10_000
+    await chat.run(page.click(".turn .copy"))
+    await chat.run(page.wait_for_selector(".turn .copy:text-is('Copied')"))
+    copied = await chat.run(page.evaluate("navigator.clipboard.readText()"))
+    assert copied == demo.answer_for(question)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_tokens_render_as_text_with_cursor_while_streaming_and_stop_cancels(
+    relay, fake, open_chat
+):
+    fake.script = hanging(TOKENS)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    await chat.run(ask(page, "stream then hang"))
+    await chat.run(wait_text(page, 0, TEXT))
+    info = await chat.run(turn_info(page, 0))
+    assert info["state"] == "streaming" and info["cursor"]
+    assert "<b>" not in info["html"], "model output is text, never HTML"
+    assert await chat.run(page.is_enabled("#stop"))
+    assert not fake.disconnected.is_set()
+    await chat.run(page.click("#stop"))
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    info = await chat.run(wait_state(page, 0, "stopped"))
+    assert info["text"] == TEXT and not info["cursor"] and info["error"] is None
+    assert "stopped" in info["stats"]
+    await wait_until(lambda: not relay.relay.streams)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_401_is_shown_inline_and_the_token_fixes_it(make_relay, fake, open_chat):
+    rs = make_relay(upstream=fake.url, auth_tokens={"tok": "alice"})
+    fake.script = stream_tokens(TOKENS)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, rs.url))
+    # The robot list already needs the token: the token field opens.
+    await chat.run(page.wait_for_selector("#notice:not([hidden])"))
+    assert "token missing or wrong" in await chat.run(page.text_content("#notice"))
+    assert await chat.run(page.is_visible("#token"))
+
+    await chat.run(ask(page, "no token"))
+    info = await chat.run(wait_state(page, 0, "error", "done"))
+    assert "token missing or wrong" in info["error"] and info["retry"]
+    assert "Traceback" not in info["error"] and info["text"] == ""
+
+    await chat.run(page.fill("#token", "wrong"))
+    await chat.run(page.click(".turn .retry"))
+    info = await chat.run(wait_state(page, 0, "error", "done"))
+    assert "token missing or wrong" in info["error"]
+    assert fake.requests == []
+
+    await chat.run(page.fill("#token", "tok"))
+    await chat.run(page.click(".turn .retry"))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["error"] is None and info["text"] == TEXT
+    assert await chat.run(page.evaluate("localStorage.getItem('relay.token')")) == "tok"
+
+
+@MODES
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_upstream_failure_is_shown_inline_and_retry_works(relay, fake, open_chat, mode):
+    fake.script = status(500, "model exploded")
+    chat = open_chat()
+    page = chat.page
+    await open_in_mode(chat, relay.url, mode)
+    await chat.run(ask(page, "fail please"))
+    info = await chat.run(wait_state(page, 0, "error", "done"))
+    # One-shot: a plain HTTP 502; resumable: the session's `event: error`.
+    assert "model exploded" in info["error"]
+    assert ("HTTP 502" if mode == "oneshot" else "upstream_error") in info["error"]
+    assert info["retry"]
+    fake.script = stream_tokens(TOKENS)
+    await chat.run(page.click(".turn .retry"))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["error"] is None and info["text"] == TEXT
+    assert len(fake.requests) == 2
+
+
+@MODES
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_error_event_mid_answer_keeps_the_text_and_shows_the_error(
+    relay, fake, open_chat, mode
+):
+    fake.script = stream_tokens(TOKENS, finish=False)  # ends without [DONE]: upstream_closed
+    chat = open_chat()
+    page = chat.page
+    await open_in_mode(chat, relay.url, mode)
+    await chat.run(ask(page, "cut short"))
+    info = await chat.run(wait_state(page, 0, "error", "done"))
+    assert info["text"] == TEXT
+    assert "upstream_closed" in info["error"] and info["retry"]
+    assert not info["cursor"]
+
+
+@MODES
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_no_first_event_in_time_aborts_with_a_clear_message(relay, fake, open_chat, mode):
+    fake.script = hang(20)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(page.add_init_script("window.RELAY_FIRST_EVENT_MS = 400"))
+    await open_in_mode(chat, relay.url, mode)
+    await chat.run(ask(page, "anyone there?"))
+    info = await chat.run(wait_state(page, 0, "error", "done"))
+    assert "No answer within 0.4 s" in info["error"] and info["retry"]
+    # One-shot: the aborted request; resumable: the DELETE of the session.
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    await wait_until(lambda: len(relay.relay.store) == 0 and not relay.relay.streams)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_reasoning_is_shown_apart_from_the_answer(relay, fake, open_chat):
+    frames = [chunk({"reasoning_content": "Let me think."}), chunk({"content": "42"})]
+    frames = [f"data: {f}\n\n".encode() for f in frames] + answer_frames([])[1:]
+    fake.script = send_frames(frames)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    await chat.run(ask(page, "meaning?"))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["text"] == "42"
+    assert await chat.run(page.is_visible(".turn .reasoning"))
+    assert await chat.run(page.text_content(".turn .reasoning-text")) == "Let me think."
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_is_sent_on_the_second_question(relay, fake, open_chat):
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    fake.script = stream_tokens(["第一个", "回答", "\n\n", "done"])
+    await chat.run(ask(page, "first question"))
+    await chat.run(wait_state(page, 0, "done"))
+    fake.script = stream_tokens(["second"])
+
+    async def type_two_lines() -> None:
+        await page.fill("#question", "line one")
+        await page.press("#question", "Shift+Enter")  # a new line, not a send
+        await page.type("#question", "line two")
+        assert await page.locator(".turn").count() == 1
+        await page.press("#question", "Enter")
+
+    await chat.run(type_two_lines())
+    info = await chat.run(wait_state(page, 1, "done", "error"))
+    assert info["text"] == "second" and info["question"] == "line one\nline two"
+    messages = fake.requests[-1]["body"]["messages"]
+    assert messages[1:] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "第一个回答\n\ndone"},
+        {"role": "user", "content": "line one\nline two"},
+    ]
+    assert fake.requests[0]["body"]["messages"][1:] == [
+        {"role": "user", "content": "first question"}
+    ]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_robot_and_mode_are_remembered(make_relay, fake, open_chat):
+    robots = (
+        Robot("1", "General", system_prompt="one"),
+        Robot("2", "代码助手", system_prompt="two"),
+    )
+    rs = make_relay(upstream=fake.url, robots=robots)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, rs.url))
+    await chat.run(page.wait_for_function("document.querySelector('#robot').options.length == 2"))
+    await chat.run(page.select_option("#robot", "2"))
+    await chat.run(page.check("#resumable"))
+    await chat.run(open_page(page, rs.url))  # reload
+    await chat.run(page.wait_for_function("document.querySelector('#robot').value == '2'"))
+    assert await chat.run(page.is_checked("#resumable"))
+    await chat.run(ask(page, "which robot?"))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["text"] == "Hello, world"
+    assert fake.requests[-1]["body"]["messages"][0] == {"role": "system", "content": "two"}
+    assert not rs.relay.streams
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resumable_mode_survives_a_dropped_connection(relay, fake, open_chat):
+    tokens = [f"第{i}段 " if i % 7 else "\n\n" for i in range(40)]
+    gate = asyncio.Event()
+    fake.script = gated(tokens, 12, gate)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    await chat.run(page.check("#resumable"))
+    await chat.run(ask(page, "a long answer, please"))
+    await chat.run(wait_text(page, 0, "".join(tokens[:12])))
+    # The server side drops the stream mid-answer; the upstream call goes on.
+    for handler in list(relay.relay.streams):
+        handler.request.connection.stream.close()
+    await chat.run(page.wait_for_selector(".turn .note:not([hidden])"))
+    assert "reconnecting" in await chat.run(page.text_content(".turn .note"))
+    gate.set()
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["error"] is None
+    assert info["text"] == "".join(tokens)
+    assert len(fake.requests) == 1 and not fake.disconnected.is_set()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resumable_stop_closes_and_deletes_the_session(relay, fake, open_chat):
+    fake.script = hanging(TOKENS)
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    await chat.run(page.check("#resumable"))
+    await chat.run(ask(page, "stop me"))
+    await chat.run(wait_text(page, 0, TEXT))
+    assert len(relay.relay.store) == 1
+    await chat.run(page.click("#stop"))
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    info = await chat.run(wait_state(page, 0, "stopped"))
+    assert info["text"] == TEXT and info["error"] is None
+    await wait_until(lambda: len(relay.relay.store) == 0 and not relay.relay.streams)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_narrow_dark_layout(make_relay, open_chat, tmp_path):
+    rs = make_relay(demo_token_delay=0.001)
+    chat = open_chat(viewport={"width": 375, "height": 740}, color_scheme="dark")
+    page = chat.page
+    await chat.run(open_page(page, rs.url))
+    await chat.run(ask(page, "你好"))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["text"] == demo.answer_for("你好")
+    layout = await chat.run(
+        page.evaluate(
+            """() => ({
+              scrollWidth: document.documentElement.scrollWidth,
+              bg: getComputedStyle(document.body).backgroundColor,
+              send: document.querySelector('#send').getBoundingClientRect().right,
+            })"""
+        )
+    )
+    assert layout["scrollWidth"] <= 375 and layout["send"] <= 375
+    red, green, blue = (int(c) for c in layout["bg"][4:-1].split(",")[:3])
+    assert red + green + blue < 3 * 64, layout["bg"]
+    await chat.run(page.screenshot(path=str(tmp_path / "narrow-dark.png")))
+
+
+STREAM = (
+    "\ufeffretry: 1000\r\n: a comment\r\n\r\n"
+    "id: 1\rdata: 你好，世界\r\ndata:  two spaces\n\n"
+    'event: error\ndata: {"error":{"code":"x","message":"m"}}\n\n'
+    "data\n\nid\ndata: after an empty id\n\n: only a comment\n\n"
+    "data: a\r\rdata:b\n\nid: 7\nevent: custom\ndata: \n\n"
+    "data: never finished"
+)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_sse_reader_follows_the_line_rules_at_every_split(relay, open_chat):
+    expected = [[e.event, e.data, e.id] for e in SSEParser().feed(STREAM.encode())]
+    assert len(expected) == 7
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    result = await chat.run(
+        page.evaluate(
+            """async (text) => {
+              const { readEventStream } = await import('/static/app.js');
+              const bytes = new TextEncoder().encode(text);
+              const runs = [];
+              for (let i = 0; i <= bytes.length; i++) {
+                const parts = [bytes.slice(0, i), bytes.slice(i)];
+                const body = new ReadableStream({
+                  start(c) { for (const p of parts) c.enqueue(p); c.close(); },
+                });
+                const events = [];
+                for await (const e of readEventStream(body)) events.push([e.type, e.data, e.id]);
+                runs.push(JSON.stringify(events));
+              }
+              return runs;
+            }""",
+            STREAM,
+        )
+    )
+    assert len(result) == len(STREAM.encode()) + 1
+    for split, events in enumerate(result):
+        assert json.loads(events) == expected, f"split at byte {split}"
