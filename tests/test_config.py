@@ -151,4 +151,6 @@ def test_descriptor_limit_is_raised_and_max_streams_lowered_to_fit():
         [sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True
     )
     assert proc.stdout.split() == ["100", "264"]
-    assert "--max-streams=1000 needs 2064 descriptors but the limit is 264; using 100" in proc.stderr
+    assert (
+        "--max-streams=1000 needs 2064 descriptors but the limit is 264; using 100" in proc.stderr
+    )
