@@ -1,28 +1,22 @@
 """The model-server client: one streaming ``POST {upstream}/chat/completions`` per session.
 
-Built on Tornado's `SimpleAsyncHTTPClient` with a ``streaming_callback`` that
-feeds `relay.sse.SSEParser`; the parsed events go through `relay.chunks` into
-the session. Three things the stock client does not give and this module adds:
+`relay.httpclient.StreamingHTTPClient` (an `AsyncHTTPClient`) delivers the
+body in blocks to a ``streaming_callback`` that feeds `relay.sse.SSEParser`;
+the parsed events go through `relay.chunks` into the session. Routing on the
+status from ``header_callback`` comes first: the callback also receives the
+body of an error answer (a 401 or 429 JSON), which must never reach the parser.
 
-* **Prompt cancellation.** Tornado has no public way to abort an in-flight fetch
-  (tornado issue 157), and raising in ``streaming_callback`` only acts when the
-  next chunk arrives, so a silent upstream would never be let go.
-  `CancellableHTTPClient` keeps a handle to each request's ``_HTTPConnection``
-  and closes its socket at once. Caveat: this leans on Tornado internals
-  (``_HTTPConnection``, ``_connection_class``, ``_handle_exception``), stable
-  since Tornado 5 and covered by the cancellation tests.
-* **An idle watchdog that ignores comments.** Only dispatched events count as
-  upstream activity; the total time is bounded by ``request_timeout``.
-* **Resets reported.** A connection reset mid-body ends the fetch with the
-  error instead of leaving it pending (the stock close callback re-raises it
-  where nobody awaits it).
+* **Timeouts for long answers.** Connect and total timeouts come from the flags
+  (never Tornado's 20-second default); an idle watchdog (`Upstream.check`, on
+  the app's tick) counts only dispatched events as activity, so an upstream
+  that sends nothing but comments is still silent.
+* **Cancellation** closes the upstream socket at once, silent upstream or not
+  (`relay.httpclient.CancelHandle`).
+* **Back-pressure:** the callback returns the session's `room` future when a
+  reader lags, and the client stops reading until it resolves.
 * **A key pool.** A key answered 401/403/429 cools down and the next key is
   tried. Error statuses arrive before any body, so a retry can never follow
   relayed text.
-
-The client is a private instance (not the per-loop singleton) with
-``max_clients`` above ``--max-streams``: the default of 10 would queue the
-eleventh user, and its 20-second ``request_timeout`` would cut long answers.
 """
 
 from __future__ import annotations
@@ -35,17 +29,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ujson
-from tornado.httpclient import HTTPRequest, HTTPResponse
-from tornado.simple_httpclient import (
-    HTTPTimeoutError,
-    SimpleAsyncHTTPClient,
-    _HTTPConnection,
-)
+from tornado.httpclient import HTTPRequest
+from tornado.simple_httpclient import HTTPTimeoutError
 
 from relay.ask import Ask
 from relay.chunks import ChunkRules, error_message
 from relay.config import Robot, Settings
 from relay.errors import RelayError, redact
+from relay.httpclient import CancelHandle, StreamingHTTPClient
 from relay.metrics import Metrics
 from relay.sessions import Session
 from relay.sse import LineTooLong, SSEParser
@@ -55,64 +46,6 @@ log = logging.getLogger("relay.upstream")
 RETRY_STATUSES = (401, 403, 429)
 KEY_COOLDOWN = 60.0
 _ERROR_BODY_LIMIT = 64 << 10
-
-
-class UpstreamCancelled(Exception):
-    """The relay let go of the call (client gone, DELETE, idle timeout, shutdown)."""
-
-
-class CancelHandle:
-    """Links a request to the connection that serves it, so it can be closed at once."""
-
-    __slots__ = ("cancelled", "connection")
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.connection: _HTTPConnection | None = None
-
-    def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        conn = self.connection
-        if conn is not None and conn.final_callback is not None:
-            # Runs the fetch's final callback with a 599 and closes the socket if
-            # connected; a connect still under way closes its socket when it lands.
-            conn._handle_exception(UpstreamCancelled, UpstreamCancelled(), None)
-
-
-class _CancellableConnection(_HTTPConnection):
-    def __init__(self, client: Any, request: Any, *args: Any) -> None:
-        super().__init__(client, request, *args)
-        handle = getattr(request, "cancel_handle", None)
-        if handle is not None:
-            handle.connection = self
-
-    def on_connection_close(self) -> None:
-        # The stock method re-raises a socket error (a reset mid-body) inside the
-        # close callback, where it is only logged, and the fetch then never
-        # completes. Hand it to the fetch as its result instead.
-        error = self.stream.error
-        if self.final_callback is not None and error is not None:
-            self._handle_exception(type(error), error, None)
-        else:
-            super().on_connection_close()
-
-
-class CancellableHTTPClient(SimpleAsyncHTTPClient):
-    """`SimpleAsyncHTTPClient` whose requests can carry a `CancelHandle`."""
-
-    def _connection_class(self) -> type:
-        return _CancellableConnection
-
-    def _handle_request(self, request: Any, release_callback: Any, final_callback: Any) -> None:
-        handle = getattr(request, "cancel_handle", None)
-        if handle is not None and handle.cancelled:
-            release_callback()
-            response = HTTPResponse(request, 599, error=UpstreamCancelled())
-            self.io_loop.add_callback(final_callback, response)
-            return
-        super()._handle_request(request, release_callback, final_callback)
 
 
 class KeyPool:
@@ -179,11 +112,7 @@ class Upstream:
         self.url = url.rstrip("/") + "/chat/completions"
         self.metrics = metrics
         self.keys = KeyPool(settings.api_keys, settings.key_strategy)
-        self.client = CancellableHTTPClient(
-            force_instance=True,
-            max_clients=settings.max_streams + 64,
-            max_buffer_size=64 << 20,
-        )
+        self.client = StreamingHTTPClient(force_instance=True)
         self.calls: set[UpstreamCall] = set()
 
     def start(self, session: Session, robot: Robot, ask: Ask) -> UpstreamCall:
