@@ -16,6 +16,8 @@ setup(
         "ujson>=5.8",
         "prometheus-client>=0.17",
         "redis>=5",
+        # A faster event loop; the relay falls back to asyncio's own without it.
+        "uvloop>=0.19; sys_platform != 'win32'",
     ],
     extras_require={
         "test": [

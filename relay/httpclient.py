@@ -27,7 +27,6 @@ response decompression (it asks for ``identity``), no proxies, no
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ssl
 import time
 import urllib.parse
@@ -269,8 +268,8 @@ class _ResponseReader(asyncio.Protocol):
             self._body += body
             return
         result = self.request.streaming_callback(body)
-        if result is not None and inspect.isawaitable(result):
-            future = asyncio.ensure_future(result)
+        if result is not None:
+            future = result if asyncio.isfuture(result) else asyncio.ensure_future(result)
             if not future.done():
                 self.transport.pause_reading()
                 future.add_done_callback(self._resume)

@@ -16,6 +16,8 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -41,13 +43,26 @@ def run(settings: Settings) -> int:
     settings = dataclasses.replace(settings, max_streams=fit_descriptors(settings.max_streams))
     workers = settings.workers or os.cpu_count() or 1
     if workers == 1:
-        return asyncio.run(_serve(settings, bind_sockets(settings.port, settings.host)))
-    first = bind_sockets(settings.port, settings.host, reuse_port=True)
+        return _run_loop(_serve(settings, _bind(settings.port, settings.host)))
+    first = _bind(settings.port, settings.host, reuse_port=True)
     port = first[0].getsockname()[1]
-    groups = [first] + [
-        bind_sockets(port, settings.host, reuse_port=True) for _ in range(workers - 1)
-    ]
+    groups = [first] + [_bind(port, settings.host, reuse_port=True) for _ in range(workers - 1)]
     return _supervise(dataclasses.replace(settings, port=port), groups)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (it makes the loop and its sockets cheaper)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _bind(port: int, host: str, reuse_port: bool = False) -> list[socket.socket]:
+    # A deep accept queue: thousands of streams may connect within a second
+    # (Tornado's default backlog is 128; the kernel caps it at somaxconn).
+    return bind_sockets(port, host, backlog=4096, reuse_port=reuse_port)
 
 
 def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
@@ -63,7 +78,7 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
                     if other != index:
                         for sock in sockets:
                             sock.close()
-                code = asyncio.run(_serve(settings, groups[index]))
+                code = _run_loop(_serve(settings, groups[index]))
             finally:
                 os._exit(code)
         children[pid] = index
