@@ -1,0 +1,418 @@
+"""The benchmark: the fake upstream directly, nginx as a pass-through proxy, and the relay,
+measured side by side in one run on one machine. Writes a Markdown table.
+
+    python -m relay.bench --runs=3 --out=docs/benchmarks.md      # every scenario
+    python -m relay.bench --scenarios=a,b --runs=1                # a quick look
+
+Scenarios (see docs/benchmarks.md): a) 1,000 streams at 50 tokens/s, 200 tokens; b) 100
+streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,000 streams at
+50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
+f) short streams (one token each), for the CPU cost of a new stream.
+
+Targets are each run in a fresh process: the fake upstream (always), then for each target in
+turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
+in its own processes. CPU per event is what survives a noisy machine: it is read from
+/proc for the target's processes only. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    streams: int
+    tokens: int
+    interval_ms: int
+    duration: float
+    ramp: float
+    targets: tuple[str, ...] = ("upstream", "nginx", "relay")
+    processes: int = 1
+
+
+SCENARIOS = {
+    s.key: s
+    for s in (
+        Scenario("a", "1,000 streams at 50 tokens/s, 200 tokens", 1000, 200, 20, 20, 5),
+        Scenario("b", "100 streams, as fast as the upstream sends", 100, 2000, 0, 15, 1),
+        Scenario("c", "8,000 streams held at 1 token/s", 8000, 40, 1000, 40, 15, processes=2),
+        Scenario("d", "3,000 streams at 50 tokens/s (overload)", 3000, 200, 20, 20, 5, processes=2),
+        Scenario(
+            "e",
+            "--workers=2 --store=redis, 1,000 streams at 50 tokens/s",
+            1000,
+            200,
+            20,
+            20,
+            5,
+            targets=("relay", "relay-workers2"),
+        ),
+        Scenario(
+            "f",
+            "new-stream cost: 200 streams of one token each",
+            200,
+            1,
+            0,
+            10,
+            1,
+            targets=("relay",),
+        ),
+    )
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError as e:
+            if getattr(e, "code", None):  # an HTTP error status: it is up
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up") from None
+            time.sleep(0.1)
+
+
+@dataclass
+class Target:
+    """A process (or process tree) under test, and how to reach it."""
+
+    name: str
+    url: str
+    mode: str  # the load tester's --mode
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        pids = []
+        for p in self.procs:
+            pids.append(p.pid)
+            pids += children(p.pid)
+        return pids
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "relay.fakeupstream",
+            f"--port={port}",
+            f"--tokens={tokens}",
+            f"--interval-ms={interval_ms}",
+        ],
+        cwd=ROOT,
+        stderr=(workdir / "fake.log").open("w"),
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_http(f"http://127.0.0.1:{port}/")
+    return proc, url
+
+
+def start_target(name: str, upstream: str, workdir: Path) -> Target:
+    port = free_port()
+    if name == "upstream":
+        return Target(name, upstream, "upstream")
+    if name == "nginx":
+        up = upstream.removeprefix("http://").removesuffix("/v1")
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn; worker_rlimit_nofile 40000;
+events {{ worker_connections 30000; }}
+http {{ access_log off;
+  upstream fake {{ server {up}; keepalive 256; }}
+  server {{ listen 127.0.0.1:{port} backlog=4096;
+    location / {{ proxy_pass http://fake; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 3600s; }} }} }}
+"""
+        )
+        proc = subprocess.Popen(
+            [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)],
+            stderr=(workdir / "nginx.log").open("w"),
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_http(f"http://127.0.0.1:{port}/")
+        return Target(name, url, "upstream", [proc])
+    args = [PY, "server.py", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
+    procs = []
+    if name == "relay-workers2":
+        rport = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    shutil.which("redis-server") or "/usr/bin/redis-server",
+                    "--port",
+                    str(rport),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+                cwd=workdir,
+            )
+        )
+        time.sleep(0.5)
+        args += ["--workers=2", f"--store=redis://127.0.0.1:{rport}/0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    procs.append(
+        subprocess.Popen(args, cwd=ROOT, env=env, stderr=(workdir / f"{name}.log").open("w"))
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz")
+    target = Target(name, url, "oneshot", procs)
+    if name == "relay-workers2":
+        target.procs = procs[1:]  # redis is not the relay: keep its CPU out
+        target.redis = procs[0]  # type: ignore[attr-defined]
+    return target
+
+
+class Sampler(threading.Thread):
+    """Samples the target's RSS and /healthz latency while the load runs."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.stop_event = threading.Event()
+        self.peak_rss = 0
+        self.health_ms: list[float] = []
+
+    def run(self) -> None:
+        health = self.target.url + "/healthz" if self.target.mode == "oneshot" else None
+        while not self.stop_event.wait(1.0):
+            try:
+                self.peak_rss = max(self.peak_rss, sum(proc_rss(p) for p in self.target.pids()))
+            except OSError:
+                pass
+            if health:
+                began = time.monotonic()
+                try:
+                    with urllib.request.urlopen(health, timeout=10) as r:
+                        r.read()
+                    self.health_ms.append((time.monotonic() - began) * 1000)
+                except OSError:
+                    self.health_ms.append(10_000.0)
+
+
+def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
+    pids = target.pids()
+    idle_rss = sum(proc_rss(p) for p in pids) if pids else 0
+    cpu_before = sum(proc_cpu(p) for p in pids)
+    sampler = Sampler(target)
+    sampler.start()
+    out = workdir / f"{sc.key}-{target.name}.json"
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "relay.loadtest",
+            f"--url={target.url}",
+            f"--mode={target.mode}",
+            f"--streams={sc.streams}",
+            f"--duration={sc.duration}",
+            f"--ramp={sc.ramp}",
+            f"--expect-tokens={sc.tokens}",
+            f"--processes={sc.processes}",
+            "--quiet",
+            f"--json={out}",
+            "--timeout=300",
+            "--idle-timeout=60",
+        ],
+        cwd=ROOT,
+        check=False,
+    )
+    sampler.stop_event.set()
+    sampler.join()
+    pids = target.pids()
+    cpu = sum(proc_cpu(p) for p in pids) - cpu_before if pids else 0.0
+    result = json.loads(out.read_text())
+    events = result["events"]["total"] or 1
+    return {
+        "events_per_s": result["events"]["per_s"],
+        "cpu_us_per_event": cpu / events * 1e6 if pids else None,
+        "cpu_ms_per_stream": cpu / max(result["streams"]["started"], 1) * 1e3 if pids else None,
+        "cpu_percent": cpu / result["elapsed_s"] * 100 if pids else None,
+        "ttft_p50_ms": result["ttft_s"]["p50"] * 1000,
+        "ttft_p99_ms": result["ttft_s"]["p99"] * 1000,
+        "lag_p50_ms": result["lag_s"]["p50"] * 1000,
+        "lag_p99_ms": result["lag_s"]["p99"] * 1000,
+        "idle_rss_mb": idle_rss / 1e6,
+        "rss_kb_per_stream": (sampler.peak_rss - idle_rss) / sc.streams / 1e3 if pids else None,
+        "health_max_ms": max(sampler.health_ms) if sampler.health_ms else None,
+        "completed": result["streams"]["completed"],
+        "errors": result["errors"]["total"],
+        "errors_by_kind": result["errors"]["by_kind"],
+        "exact": f"{result['exactness']['exact']}/{result['exactness']['checked']}",
+        "loadgen_cpu_percent": result["cpu"]["max_percent_of_core"],
+    }
+
+
+def median_of(runs: list[dict]) -> dict:
+    merged: dict = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if all(isinstance(v, (int, float)) for v in values):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = values[-1]
+    merged["runs"] = len(runs)
+    return merged
+
+
+def bench(scenarios: Sequence[str], runs: int, workdir: Path, only: Sequence[str] = ()) -> dict:
+    results: dict = {}
+    for key in scenarios:
+        sc = SCENARIOS[key]
+        for name in sc.targets:
+            if only and name not in only:
+                continue
+            if (
+                name == "nginx"
+                and not shutil.which("nginx")
+                and not Path("/usr/sbin/nginx").exists()
+            ):
+                continue
+            samples = []
+            for i in range(runs):
+                fake, upstream = start_fake(sc.tokens, sc.interval_ms, workdir)
+                target = start_target(name, upstream, workdir)
+                try:
+                    time.sleep(1)
+                    samples.append(run_once(sc, target, workdir))
+                finally:
+                    target.stop()
+                    if hasattr(target, "redis"):
+                        target.redis.terminate()
+                        target.redis.wait()
+                    fake.send_signal(signal.SIGTERM)
+                    fake.wait(10)
+                print(f"{key} {name} run {i + 1}: {json.dumps(samples[-1])}", file=sys.stderr)
+            results.setdefault(key, {})[name] = median_of(samples)
+    return results
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for key, by_target in results.items():
+        sc = SCENARIOS[key]
+        lines += [f"### {key}) {sc.title}", ""]
+        lines.append(
+            "| target | events/s | CPU µs/event | CPU % of a core | TTFT p50 / p99 ms "
+            "| lag p50 / p99 ms | RSS KB/stream | errors | text exact |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for name, r in by_target.items():
+            lines.append(
+                f"| {name} | {_fmt(r['events_per_s'], 0)} | {_fmt(r['cpu_us_per_event'])} "
+                f"| {_fmt(r['cpu_percent'], 0)} | {_fmt(r['ttft_p50_ms'])} / "
+                f"{_fmt(r['ttft_p99_ms'])} | {_fmt(r['lag_p50_ms'])} / {_fmt(r['lag_p99_ms'])} "
+                f"| {_fmt(r['rss_kb_per_stream'])} | {r['errors']} | {r['exact']} |"
+            )
+        nginx, relay = by_target.get("nginx"), by_target.get("relay")
+        if nginx and relay and nginx["cpu_us_per_event"] and relay["cpu_us_per_event"]:
+            ratio = relay["cpu_us_per_event"] / nginx["cpu_us_per_event"]
+            lines += ["", f"Relay CPU per event: {ratio:.2f}x nginx's."]
+        if relay and relay.get("health_max_ms") is not None:
+            note = (
+                f"Relay /healthz under load: at most {relay['health_max_ms']:.0f} ms; "
+                f"idle RSS {relay['idle_rss_mb']:.1f} MB."
+            )
+            if sc.tokens == 1:
+                note += f" CPU per new stream, all costs: {relay['cpu_ms_per_stream']:.2f} ms."
+            lines += ["", note]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m relay.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f", help="comma-separated keys")
+    parser.add_argument("--runs", type=int, default=3, help="runs per target; medians reported")
+    parser.add_argument("--targets", default="", help="only these targets (comma-separated)")
+    parser.add_argument("--json", help="write all results as JSON here")
+    parser.add_argument("--out", help="write the Markdown tables here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        only = [t for t in args.targets.split(",") if t]
+        results = bench(args.scenarios.split(","), args.runs, Path(tmp), only)
+    text = markdown(results)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
