@@ -36,7 +36,6 @@ import ipaddress
 import math
 import multiprocessing
 import os
-import resource
 import signal
 import sys
 import time
@@ -46,6 +45,8 @@ from dataclasses import dataclass
 from typing import cast
 
 import ujson
+
+from relay.limits import raise_fd_limit
 
 __all__ = ["Answer", "FakeUpstream", "expected_text", "is_loopback", "main", "token"]
 
@@ -418,18 +419,6 @@ class FakeUpstream:
         self.ticker.close()
         for stream in list(self.connections):
             stream.transport.abort()
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -52,12 +52,8 @@ class RateLimiter:
         return len(self._buckets)
 
 
-def fit_descriptors(max_streams: int) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one; return the streams that fit.
-
-    Each stream holds two sockets (client and upstream). If ``max_streams`` of
-    them would not fit, the returned value is lower and a warning says so.
-    """
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (logged); return the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -67,6 +63,16 @@ def fit_descriptors(max_streams: int) -> int:
             soft = target
         except (ValueError, OSError):
             log.warning("could not raise the open-file limit above %d", soft)
+    return soft
+
+
+def fit_descriptors(max_streams: int) -> int:
+    """Raise the descriptor limit; return how many of ``max_streams`` fit in it.
+
+    Each stream holds two sockets (client and upstream). If ``max_streams`` of
+    them would not fit, the returned value is lower and a warning says so.
+    """
+    soft = raise_fd_limit()
     fitting = max(1, (soft - FD_RESERVE) // 2)
     if max_streams > fitting:
         log.warning(

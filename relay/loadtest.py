@@ -50,7 +50,8 @@ from urllib.parse import urlsplit
 
 import ujson
 
-from relay.fakeupstream import expected_text, is_loopback, raise_fd_limit
+from relay.fakeupstream import expected_text, is_loopback
+from relay.limits import raise_fd_limit
 from relay.sse import SSEParser
 
 __all__ = ["Histogram", "LoadConfig", "Stats", "build_result", "main", "run", "run_async"]
