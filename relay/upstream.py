@@ -298,8 +298,8 @@ class UpstreamCall:
     def _outcome_error(self, failure: Exception | None) -> RelayError:
         if self._timed_out or isinstance(failure, HTTPTimeoutError):
             return RelayError(504, "upstream_timeout", "the upstream did not answer in time")
-        if self._status >= 400 or (self._status == 200 and not self._is_stream):
-            return self._status_error()
+        if self._status and (self._status != 200 or not self._is_stream):
+            return self._status_error()  # an error, a redirect, or a 200 that is no stream
         if self._status == 0:
             return RelayError(502, "upstream_unavailable", "the upstream could not be reached")
         return RelayError(502, "upstream_closed", "the upstream ended the answer without [DONE]")

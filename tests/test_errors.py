@@ -93,6 +93,18 @@ async def test_upstream_500_is_502_with_its_message(relay, fake):
 
 
 @pytest.mark.gen_test
+async def test_upstream_redirect_is_502_not_followed(relay, fake):
+    async def redirect(handler, body, key):
+        handler.redirect("http://127.0.0.1:1/elsewhere", permanent=True)
+
+    fake.script = redirect
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 502
+    err = res.json()["error"]
+    assert err["code"] == "upstream_error" and "301" in err["message"]
+
+
+@pytest.mark.gen_test
 async def test_refused_connection_is_502(make_relay):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
