@@ -5,7 +5,8 @@ a time, each through a ``read_until`` and a ``read_bytes`` coroutine, and an
 LLM stream is nothing but small chunks; profiled under 1,000 streams that was
 half of the relay's CPU. This client is an `asyncio.Protocol`: whatever the
 socket holds arrives in one ``data_received`` call, the chunked framing is
-decoded in one pass over it, and ``streaming_callback`` gets the whole block.
+decoded in one pass over it (`relay.http1`), and ``streaming_callback`` gets the
+whole block.
 It also gives what the stock client lacks:
 
 * **Cancellation.** A request may carry a `CancelHandle`; ``cancel()`` aborts
@@ -37,7 +38,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-MAX_HEADER_SIZE = 64 << 10
+from relay.http1 import ResponseHead, ResponseParser
 
 
 class UpstreamCancelled(Exception):
@@ -119,11 +120,7 @@ class _ResponseReader(asyncio.Protocol):
         self.code = 0
         self.reason = ""
         self.headers = HTTPHeaders()
-        self._buf = bytearray()
-        self._in_head = True
-        self._chunked = False
-        self._remaining = -1  # body bytes still due with Content-Length; -1: until close
-        self._chunk_left = 0  # bytes of the current chunk still due; -1: its CRLF is due
+        self._parser = ResponseParser()
         self._body: bytearray | None = None if request.streaming_callback else bytearray()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -166,7 +163,7 @@ class _ResponseReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():
             return
-        if not self._in_head and not self._chunked and self._remaining < 0:
+        if self._parser.until_close:
             self._finish()  # a body delimited by the end of the connection
         else:
             self._end(self.response(exc or HTTPStreamClosedError("Stream closed")))
@@ -176,92 +173,28 @@ class _ResponseReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done.done():
             return
+        parser = self._parser
         try:
-            if self._in_head:
-                self._buf += data
-                if not self._read_head():
-                    return
-                data = bytes(self._buf)
-                self._buf.clear()
-            body = self._decode(data) if self._chunked else self._measure(data)
+            seen = parser.head is not None
+            body = parser.feed(data)
+            if not seen and parser.head is not None:
+                self._on_head(parser.head)
             if body:
                 self._deliver(body)
-            if self._remaining == 0:
+            if parser.done:
                 self._finish()
         except Exception as e:  # noqa: BLE001 - a bad response or a failing callback ends the fetch
             self.fail(e)
 
-    def _read_head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buf) > MAX_HEADER_SIZE:
-                raise ValueError("response headers too large")
-            return False
-        lines = self._buf[:end].decode("latin-1").split("\r\n")
-        del self._buf[: end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code, _, self.reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise ValueError("malformed response status line")
-        if 100 <= int(code) < 200:
-            return self._read_head()  # an interim response: the real one follows
-        self.code = int(code)
-        for line in lines[1:]:
+    def _on_head(self, head: ResponseHead) -> None:
+        self.code, self.reason = head.status, head.reason
+        for line in head.lines[1:]:
             self.headers.parse_line(line)
         header_callback = self.request.header_callback
         if header_callback is not None:
-            for line in lines:
+            for line in head.lines:
                 header_callback(line + "\r\n")
             header_callback("\r\n")
-        self._in_head = False
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._chunked = True
-        elif "Content-Length" in self.headers:
-            self._remaining = int(self.headers["Content-Length"])
-        return True
-
-    def _measure(self, data: bytes) -> bytes:
-        if self._remaining >= 0:
-            data = data[: self._remaining]
-            self._remaining -= len(data)
-        return data
-
-    def _decode(self, data: bytes) -> bytes:
-        """Strip chunked framing from ``data`` (plus any partial framing kept from before)."""
-        buf = self._buf
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
-        out = []
-        pos, size = 0, len(data)
-        while pos < size:
-            left = self._chunk_left
-            if left > 0:
-                piece = data[pos : pos + left]
-                out.append(piece)
-                pos += len(piece)
-                self._chunk_left = left - len(piece) or -1
-            elif left < 0:  # the CRLF after a chunk's data
-                if size - pos < 2:
-                    break
-                pos += 2
-                self._chunk_left = 0
-            else:
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if size - pos > 1024:
-                        raise ValueError("malformed chunk size line")
-                    break
-                length = int(data[pos:eol].split(b";", 1)[0], 16)
-                pos = eol + 2
-                if length == 0:  # the last chunk; trailers are ignored
-                    self._remaining = 0
-                    break
-                self._chunk_left = length
-        if pos < size and self._remaining != 0:
-            buf += data[pos:]
-        return out[0] if len(out) == 1 else b"".join(out)
 
     def _deliver(self, body: bytes) -> None:
         if self._body is not None:

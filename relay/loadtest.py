@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import ujson
 
 from relay.fakeupstream import expected_text, is_loopback
+from relay.http1 import ProtocolError, ResponseParser
 from relay.limits import raise_fd_limit
 from relay.sse import SSEParser
 
@@ -58,7 +59,6 @@ __all__ = ["Histogram", "LoadConfig", "Stats", "build_result", "main", "run", "r
 
 MODES = ("oneshot", "session", "upstream")
 ERROR_PAUSE = 0.1  # seconds a slot waits after a failed stream, so errors cannot spin
-MAX_HEAD = 64 << 10
 MAX_ERROR_BODY = 4 << 10
 MAX_EXAMPLES = 3
 SATURATED = 90.0  # percent of a core at which a generator process is called saturated
@@ -257,14 +257,11 @@ class _Collect(_Sink):
             self.data += data[: MAX_ERROR_BODY - len(self.data)]
 
 
-_HEAD, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _LENGTH, _UNTIL_CLOSE, _IDLE = range(8)
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection that runs one request at a time.
 
-    Each socket read is timestamped once and its body bytes (de-chunked) go to
-    the sink in one call.
+    Each socket read is timestamped once and its body bytes (de-chunked by
+    `relay.http1.ResponseParser`) go to the sink in one call.
     """
 
     transport: asyncio.Transport  # set by connection_made
@@ -272,11 +269,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, stats: Stats) -> None:
         self.stats = stats  # its ``bytes`` counts everything received, headers and framing too
         self.closed = False
-        self._rest = b""
-        self._state = _IDLE
+        self._parser: ResponseParser | None = None  # None between requests
         self._sink: _Sink = _Collect()
         self._future: asyncio.Future[bool] | None = None
-        self._remaining = 0
         self._keep_alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -289,7 +284,7 @@ class _Connection(asyncio.Protocol):
         `_Failure` (``no_response`` or ``incomplete``) if the connection ends first.
         """
         self._sink = sink
-        self._state = _HEAD
+        self._parser = ResponseParser()
         self._future = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self._future
@@ -304,148 +299,48 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._state == _UNTIL_CLOSE:
+        parser = self._parser
+        if parser is not None and parser.until_close:
             self._done()
         elif self._future is not None and not self._future.done():
             self._future.set_exception(
-                _Failure("no_response" if self._state == _HEAD else "incomplete")
+                _Failure("no_response" if parser is None or parser.head is None else "incomplete")
             )
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
         self.stats.bytes += len(data)
-        if self._rest:  # a partial head, size line or chunk end from the last read
-            data = self._rest + data
-            self._rest = b""
-        pos = self._read_head(data) if self._state == _HEAD else 0
-        if pos < 0:
-            return
-        state = self._state
-        if state == _UNTIL_CLOSE:
-            if pos < len(data):
-                self._sink.body(data[pos:], now)
-            return
-        if state == _LENGTH:
-            take = min(self._remaining, len(data) - pos)
-            if take:
-                self._sink.body(data[pos : pos + take], now)
-                self._remaining -= take
-                pos += take
-            if not self._remaining:
-                self._done()
-        elif state != _IDLE:
-            pos = self._read_chunked(data, pos, now)
-        if 0 <= pos < len(data) and self._state == _IDLE:
+        parser = self._parser
+        if parser is None:
             self._protocol_error()  # bytes after the response: nobody asked for them
-
-    def _read_head(self, data: bytes) -> int:
-        """Parse the status line and headers; the position after them, or -1."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if len(data) > MAX_HEAD:
+            return
+        try:
+            seen = parser.head is not None
+            body = parser.feed(data)
+        except ProtocolError:
+            self._protocol_error()
+            return
+        if not seen and parser.head is not None:
+            head = parser.head
+            self._keep_alive = head.keep_alive and not parser.until_close
+            self._sink.head(head.status, head.headers)
+        if body:
+            self._sink.body(body, now)
+        if parser.done:
+            if parser.extra:
                 self._protocol_error()
             else:
-                self._rest = data
-            return -1
-        lines = data[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            self._protocol_error()
-            return -1
-        status = int(parts[1])
-        if 100 <= status < 200:  # an interim response: the real one follows
-            rest = data[end + 4 :]
-            after = self._read_head(rest) if rest else -1
-            return -1 if after < 0 else end + 4 + after
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        self._keep_alive = (
-            parts[0] == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-        )
-        self._sink.head(status, headers)
-        length = headers.get("content-length")
-        if status in (204, 304):
-            self._done()
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._state = _CHUNK_SIZE
-        elif length is not None and length.isdigit():
-            self._state = _LENGTH
-            self._remaining = int(length)
-            if not self._remaining:
                 self._done()
-        else:
-            self._keep_alive = False
-            self._state = _UNTIL_CLOSE
-        return end + 4
-
-    def _read_chunked(self, data: bytes, pos: int, now: float) -> int:
-        """De-chunk ``data`` from ``pos``; hand the body bytes to the sink in one call.
-
-        Returns the position where parsing stopped (-1 after a protocol error).
-        """
-        size = len(data)
-        pieces = []
-        while pos < size:
-            state = self._state
-            if state == _CHUNK_DATA:
-                take = min(self._remaining, size - pos)
-                pieces.append(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if size - pos < 2:
-                    self._rest = data[pos:]
-                    pos = size
-                elif data[pos : pos + 2] == b"\r\n":
-                    pos += 2
-                    self._state = _CHUNK_SIZE
-                else:
-                    self._protocol_error()
-                    return -1
-            elif state == _IDLE:
-                break
-            else:  # a chunk-size line, or a trailer line after the last chunk
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    if size - pos > MAX_HEAD:
-                        self._protocol_error()
-                        return -1
-                    self._rest = data[pos:]
-                    pos = size
-                    break
-                line = data[pos:eol]
-                pos = eol + 2
-                if state == _TRAILER:
-                    if not line:
-                        if pieces:
-                            self._sink.body(b"".join(pieces), now)
-                            pieces = []
-                        self._done()
-                    continue
-                try:
-                    self._remaining = int(line.split(b";", 1)[0], 16)
-                except ValueError:
-                    self._protocol_error()
-                    return -1
-                self._state = _CHUNK_DATA if self._remaining else _TRAILER
-        if pieces:
-            self._sink.body(pieces[0] if len(pieces) == 1 else b"".join(pieces), now)
-        return pos
 
     def _done(self) -> None:
-        self._state = _IDLE
+        self._parser = None
         if not self._keep_alive and not self.closed:
             self.close()
         if self._future is not None and not self._future.done():
             self._future.set_result(self._keep_alive)
 
     def _protocol_error(self) -> None:
-        self._rest = b""
-        self._state = _IDLE
+        self._parser = None
         if self._future is not None and not self._future.done():
             self._future.set_exception(_Failure("bad_response"))
         self.abort()
