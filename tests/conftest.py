@@ -139,3 +139,12 @@ async def fetch_stream(
 
 
 ASK = {"robotId": "1", "aiQuestion": "你好"}
+
+
+def chunked(body: bytes, size: int) -> bytes:
+    """``body`` in HTTP/1.1 chunked framing, ``size`` bytes a chunk, with extensions and a trailer."""
+    out = b""
+    for i in range(0, len(body), size):
+        piece = body[i : i + size]
+        out += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
+    return out + b"0\r\nX-Trailer: 1\r\n\r\n"

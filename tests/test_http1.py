@@ -9,16 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.http1 import ProtocolError, ResponseParser
+from tests.conftest import chunked
 
 BODY = "data: 尊敬的用户\n\n".encode() * 20
-
-
-def chunked(body: bytes, size: int) -> bytes:
-    out = b""
-    for i in range(0, len(body), size):
-        piece = body[i : i + size]
-        out += b"%x;name=value\r\n%s\r\n" % (len(piece), piece)
-    return out + b"0\r\nX-Trailer: 1\r\n\r\n"
 
 
 RESPONSES = {

@@ -10,6 +10,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from relay.httpclient import CancelHandle, StreamingHTTPClient, UpstreamCancelled
+from tests.conftest import chunked
 
 BODY = "尊敬的用户，\n\n你好 hello".encode() * 50
 
@@ -36,14 +37,6 @@ class RawServer:
         finally:
             writer.close()
             self.closed.set()
-
-
-def chunked(body: bytes, size: int) -> bytes:
-    out = b""
-    for i in range(0, len(body), size):
-        piece = body[i : i + size]
-        out += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
-    return out + b"0\r\nTrailer: x\r\n\r\n"
 
 
 async def fetch(url: str, **kwargs):
