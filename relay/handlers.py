@@ -269,6 +269,10 @@ class EventStreamHandler(AskMixin):
         reason = "client_closed"
         pace = relay.settings.pace_ms / 1000
         try:
+            if self._committed:
+                # A stream attached before any event: the client gets its headers and
+                # retry now, not with the first event or heartbeat.
+                await self._send(b"", 0)
             while not self._closed:
                 frames = session.read(self, after)
                 if frames:

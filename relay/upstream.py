@@ -162,7 +162,6 @@ class UpstreamCall:
         self._timed_out = False
         self._failure: RelayError | None = None
         self._done = False
-        self._events = 0
 
     # -- control ------------------------------------------------------------
 
@@ -259,7 +258,6 @@ class UpstreamCall:
                     self.upstream.metrics.ttft.observe(time.monotonic() - session.created)
                 for text in texts:
                     session.append(text)
-                self._events += len(texts)
                 if done:
                     self._done = True
                     session.finish()

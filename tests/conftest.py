@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Callable
@@ -139,6 +140,29 @@ async def fetch_stream(
 
 
 ASK = {"robotId": "1", "aiQuestion": "你好"}
+
+
+async def create_session(server, headers: dict[str, str] | None = None) -> dict:
+    """POST /aianswer/sessions on ``server`` (anything with a ``url``); the 201 body."""
+    res = await fetch_stream(server.url + "/aianswer/sessions", ASK, headers=headers)
+    assert res.status == 201, res.raw
+    return res.json()
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 2.0) -> None:
+    """Wait until ``predicate()`` is true, checking every 20 ms; fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.02)
+
+
+def nothing_left(rs: RelayServer) -> bool:
+    """Whether the relay holds no session, stream, upstream call or upstream socket."""
+    relay = rs.relay
+    return not (
+        len(relay.store) or relay.streams or relay.upstream.calls or relay.upstream.client.active
+    )
 
 
 def chunked(body: bytes, size: int) -> bytes:

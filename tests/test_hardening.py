@@ -13,7 +13,7 @@ import pytest
 from tornado.iostream import IOStream
 
 from relay.limits import RateLimiter
-from tests.conftest import ASK, fetch_stream
+from tests.conftest import ASK, eventually, fetch_stream, nothing_left
 from tests.fakeupstream import answer_frames, chunk, hang, send_frames, start_stream, status
 
 
@@ -34,23 +34,6 @@ async def open_raw_stream(rs, body: dict = ASK, rcvbuf: int | None = None) -> IO
         b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
     )
     return stream
-
-
-def assert_nothing_left(rs) -> None:
-    relay = rs.relay
-    assert len(relay.store) == 0
-    assert not relay.streams
-    assert not relay.upstream.calls
-    assert not relay.upstream.client.active
-
-
-async def settle(rs, seconds: float = 2.0) -> None:
-    """Wait until the relay has let go of every stream and call (or time out)."""
-    for _ in range(int(seconds / 0.02)):
-        relay = rs.relay
-        if not (len(relay.store) or relay.streams or relay.upstream.calls):
-            return
-        await asyncio.sleep(0.02)
 
 
 # -- capacity and rate ------------------------------------------------------------------
@@ -162,8 +145,7 @@ async def test_client_reading_nothing_never_makes_the_relay_buffer_the_flood(mak
     assert counter["sent"] < 16 << 20
     assert rss_bytes() - before < 48 << 20
     stream.close()
-    await settle(rs)
-    assert_nothing_left(rs)
+    await eventually(lambda: nothing_left(rs))
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -175,8 +157,7 @@ async def test_client_not_draining_past_send_timeout_is_disconnected_and_upstrea
     fake.script = flood(4096, 20000, counter)
     stream = await open_raw_stream(rs, rcvbuf=4096)
     await asyncio.wait_for(fake.disconnected.wait(), 5)
-    await settle(rs)
-    assert_nothing_left(rs)
+    await eventually(lambda: nothing_left(rs))
     stream.close()
 
 
@@ -184,11 +165,10 @@ async def test_client_not_draining_past_send_timeout_is_disconnected_and_upstrea
 async def test_client_leaving_before_the_first_event_cancels_the_upstream(relay, fake):
     fake.script = hang(30)
     stream = await open_raw_stream(relay)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: fake.requests)  # the upstream call is under way
     stream.close()
     await asyncio.wait_for(fake.disconnected.wait(), 1)
-    await settle(relay)
-    assert_nothing_left(relay)
+    await eventually(lambda: nothing_left(relay))
 
 
 # -- faults upstream -------------------------------------------------------------------------
@@ -248,8 +228,7 @@ async def test_upstream_faults_give_the_contract_error_and_free_everything(
         assert json.loads(res.events[-1].data)["error"]["code"] == code
     else:
         assert res.json()["error"]["code"] == code
-    await settle(relay)
-    assert_nothing_left(relay)
+    await eventually(lambda: nothing_left(relay))
     fake.script = send_frames(answer_frames(["fine"]))
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
     assert res.text() == "fine"

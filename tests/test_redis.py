@@ -7,7 +7,6 @@ subprocesses pointed at it and at one redis-server started on a free port.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import IOStream
 
-from tests.conftest import ASK, fetch_stream
+from tests.conftest import ASK, create_session, fetch_stream
 from tests.fakeupstream import hang, stream_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,12 +144,6 @@ def relays(io_loop, fake, redis_server, tmp_path):
         rp.stop()
 
 
-async def create(rp: RelayProcess) -> dict:
-    res = await fetch_stream(rp.url + "/aianswer/sessions", ASK)
-    assert res.status == 201, res.raw
-    return res.json()
-
-
 async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
     stream = IOStream(socket.socket())
     await stream.connect(("127.0.0.1", rp.port))
@@ -164,7 +157,7 @@ async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
 async def test_create_on_one_process_stream_from_another(relays, fake):
     a, b = await relays(), await relays()
     fake.script = stream_tokens(TOKENS, delay=0.01)
-    created = await create(a)
+    created = await create_session(a)
     res = await fetch_stream(b.url + created["streamUrl"])
     assert res.status == 200
     assert res.text() == "".join(TOKENS)
@@ -175,7 +168,7 @@ async def test_create_on_one_process_stream_from_another(relays, fake):
 async def test_drop_mid_answer_and_resume_on_the_other_process(relays, fake):
     a, b = await relays(), await relays()
     fake.script = stream_tokens(TOKENS, delay=0.02)
-    created = await create(a)
+    created = await create_session(a)
     await read_until_id(a, created["streamUrl"], 9)
     res = await fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "9"})
     ids = [int(e.id) for e in res.events]
@@ -192,14 +185,16 @@ async def test_drop_mid_answer_and_resume_on_the_other_process(relays, fake):
 async def test_delete_on_b_cancels_the_upstream_call_running_on_a(relays, fake):
     a, b = await relays(), await relays()
     fake.script = hang(60)
-    created = await create(a)
-    reader = asyncio.ensure_future(fetch_stream(a.url + created["streamUrl"]))
-    await asyncio.sleep(0.3)
+    created = await create_session(a)
+    reader = IOStream(socket.socket())
+    await reader.connect(("127.0.0.1", a.port))
+    await reader.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % created["streamUrl"].encode())
+    await asyncio.wait_for(reader.read_until(b"retry: 3000\n\n"), 5)  # attached on A
     res = await fetch_stream(b.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
     assert res.status == 204
     await asyncio.wait_for(fake.disconnected.wait(), 2)
-    streamed = await asyncio.wait_for(reader, 5)
-    assert json.loads(streamed.events[-1].data)["error"]["code"] == "cancelled"
+    rest = await asyncio.wait_for(reader.read_until(b"\n\n"), 5)
+    assert b"event: error" in rest and b'"cancelled"' in rest
     assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
 
 
@@ -208,7 +203,7 @@ async def test_session_expires_through_redis(relays, fake, redis_server):
     a = await relays("--session-ttl=1", "--prune-interval=0.2")
     b = await relays("--session-ttl=1", "--prune-interval=0.2")
     fake.script = stream_tokens(["a"])
-    created = await create(a)
+    created = await create_session(a)
     assert (await fetch_stream(b.url + created["streamUrl"])).text() == "a"
     r = redis_server.client()
     key = f"relay:session:{created['uid']}"
@@ -223,7 +218,7 @@ async def test_session_expires_through_redis(relays, fake, redis_server):
 async def test_redis_killed_mid_stream_and_restarted(relays, fake, redis_server):
     a, b = await relays(), await relays()
     fake.script = stream_tokens(TOKENS, delay=0.05)
-    created = await create(a)
+    created = await create_session(a)
     reader_b = asyncio.ensure_future(fetch_stream(b.url + created["streamUrl"], timeout=40))
     one_shot = asyncio.ensure_future(fetch_stream(a.url + "/aianswer/streamAsk", ASK, timeout=40))
     await asyncio.sleep(0.5)
@@ -241,7 +236,7 @@ async def test_redis_killed_mid_stream_and_restarted(relays, fake, redis_server)
     ids = [int(e.id) for e in res.events]
     assert ids == list(range(1, len(TOKENS) + 3))
     # And Redis serves new sessions again.
-    created = await create(a)
+    created = await create_session(a)
     res = await fetch_stream(b.url + created["streamUrl"])
     assert res.text() == "".join(TOKENS)
 
@@ -261,7 +256,7 @@ async def test_workers_2_serves_from_both_processes(relays, fake):
         *(fetch_stream(rp.url + "/aianswer/streamAsk", ASK) for _ in range(10))
     )
     assert [r.text() for r in results] == ["w"] * 10
-    created = await create(rp)
+    created = await create_session(rp)
     assert (await fetch_stream(rp.url + created["streamUrl"])).text() == "w"
     assert rp.stop() == 0
 

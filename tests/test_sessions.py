@@ -10,16 +10,10 @@ import pytest
 from tornado.iostream import IOStream
 
 from relay.sessions import MemoryStore, Session, SessionLimits
-from tests.conftest import ASK, fetch_stream
+from tests.conftest import ASK, create_session, eventually, fetch_stream
 from tests.fakeupstream import hang, stream_tokens
 
 TOKENS = [f"词{i} " for i in range(30)]
-
-
-async def create(rs, headers=None) -> dict:
-    res = await fetch_stream(rs.url + "/aianswer/sessions", ASK, headers=headers)
-    assert res.status == 201, res.raw
-    return res.json()
 
 
 async def read_until_id(rs, stream_url: str, last_id: int, headers: bytes = b"") -> bytes:
@@ -36,7 +30,7 @@ async def read_until_id(rs, stream_url: str, last_id: int, headers: bytes = b"")
 @pytest.mark.gen_test
 async def test_create_then_stream_gives_the_whole_answer(relay, fake):
     fake.script = stream_tokens(TOKENS)
-    created = await create(relay)
+    created = await create_session(relay)
     assert len(created["uid"]) == 32 and int(created["uid"], 16) >= 0
     assert created["streamUrl"] == f"/aianswer/stream/{created['uid']}"
     res = await fetch_stream(relay.url + created["streamUrl"])
@@ -48,7 +42,7 @@ async def test_create_then_stream_gives_the_whole_answer(relay, fake):
 @pytest.mark.gen_test
 async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(relay, fake):
     fake.script = stream_tokens(TOKENS, delay=0.01)
-    created = await create(relay)
+    created = await create_session(relay)
     first = await read_until_id(relay, created["streamUrl"], 7)
     assert b"id: 8\n" not in first
     for how in ("header", "query"):
@@ -66,7 +60,7 @@ async def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(relay, fake
 @pytest.mark.gen_test
 async def test_last_event_id_zero_replays_everything(relay, fake):
     fake.script = stream_tokens(TOKENS)
-    created = await create(relay)
+    created = await create_session(relay)
     await fetch_stream(relay.url + created["streamUrl"])
     res = await fetch_stream(relay.url + created["streamUrl"], headers={"Last-Event-ID": "0"})
     assert res.text() == "".join(TOKENS)
@@ -75,7 +69,7 @@ async def test_last_event_id_zero_replays_everything(relay, fake):
 @pytest.mark.gen_test
 async def test_reconnect_to_finished_session_with_nothing_left_is_204(relay, fake):
     fake.script = stream_tokens(["a"])
-    created = await create(relay)
+    created = await create_session(relay)
     res = await fetch_stream(relay.url + created["streamUrl"])
     last = res.events[-1].id
     res = await fetch_stream(relay.url + created["streamUrl"], headers={"Last-Event-ID": last})
@@ -86,7 +80,7 @@ async def test_reconnect_to_finished_session_with_nothing_left_is_204(relay, fak
 @pytest.mark.parametrize("last_id", ["99", "-1", "abc", "1.5"])
 async def test_unknown_last_event_id_is_an_error_event(relay, fake, last_id):
     fake.script = stream_tokens(["a"])
-    created = await create(relay)
+    created = await create_session(relay)
     res = await fetch_stream(relay.url + created["streamUrl"], headers={"Last-Event-ID": last_id})
     assert res.status == 200
     assert [e.event for e in res.events] == ["error"]
@@ -98,7 +92,7 @@ async def test_last_event_id_older_than_kept_events_is_an_error_not_a_gap(make_r
     rs = make_relay(upstream=fake.url)
     rs.relay.store.limits = SessionLimits(max_events=5)
     fake.script = stream_tokens(TOKENS)
-    created = await create(rs)
+    created = await create_session(rs)
     await fetch_stream(rs.url + created["streamUrl"])
     res = await fetch_stream(rs.url + created["streamUrl"], headers={"Last-Event-ID": "2"})
     assert json.loads(res.events[0].data)["error"]["code"] == "bad_last_event_id"
@@ -117,7 +111,7 @@ async def test_unknown_uid_is_404(relay):
 @pytest.mark.gen_test
 async def test_upstream_runs_to_its_end_with_no_client_attached(relay, fake):
     fake.script = stream_tokens(TOKENS, delay=0.005)
-    created = await create(relay)
+    created = await create_session(relay)
     session = await relay.relay.store.get(created["uid"])
     for _ in range(200):
         if not session.running:
@@ -129,11 +123,25 @@ async def test_upstream_runs_to_its_end_with_no_client_attached(relay, fake):
 
 
 @pytest.mark.gen_test
+async def test_stream_attached_before_the_first_event_gets_headers_and_retry_at_once(relay, fake):
+    # Regression: the retry frame sat in the write buffer until the first event
+    # or heartbeat, so an EventSource did not open for up to 15 s.
+    fake.script = hang(30)
+    created = await create_session(relay)
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", int(relay.url.rsplit(":", 1)[1])))
+    await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % created["streamUrl"].encode())
+    head = await asyncio.wait_for(stream.read_until(b"retry: 3000\n\n"), 2)
+    assert head.startswith(b"HTTP/1.1 200")
+    stream.close()
+
+
+@pytest.mark.gen_test
 async def test_delete_cancels_upstream_and_ends_open_streams(relay, fake):
     fake.script = hang(30)
-    created = await create(relay)
+    created = await create_session(relay)
     reader = asyncio.ensure_future(fetch_stream(relay.url + created["streamUrl"]))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: relay.relay.streams)
     res = await fetch_stream(relay.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
     assert res.status == 204
     await asyncio.wait_for(fake.disconnected.wait(), 1)
@@ -147,7 +155,7 @@ async def test_delete_cancels_upstream_and_ends_open_streams(relay, fake):
 async def test_session_is_gone_after_its_ttl(make_relay, fake):
     rs = make_relay(upstream=fake.url, session_ttl=0.3, prune_interval=0.1)
     fake.script = stream_tokens(["a"])
-    created = await create(rs)
+    created = await create_session(rs)
     await fetch_stream(rs.url + created["streamUrl"])
     assert len(rs.relay.store) == 1
     await asyncio.sleep(0.6)
@@ -160,7 +168,7 @@ async def test_session_is_gone_after_its_ttl(make_relay, fake):
 async def test_foreign_token_gets_404_on_stream_and_delete(make_relay, fake):
     rs = make_relay(upstream=fake.url, auth_tokens={"tok-a": "alice", "tok-b": "bob"})
     fake.script = stream_tokens(["a"])
-    created = await create(rs, headers={"Authorization": "Bearer tok-a"})
+    created = await create_session(rs, headers={"Authorization": "Bearer tok-a"})
     bob = {"Authorization": "Bearer tok-b"}
     assert (await fetch_stream(rs.url + created["streamUrl"], headers=bob)).status == 404
     url = rs.url + f"/aianswer/sessions/{created['uid']}"
