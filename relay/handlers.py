@@ -14,10 +14,11 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tornado.iostream import StreamClosedError
+from tornado.iostream import SSLIOStream, StreamClosedError
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from relay.ask import MAX_BODY, Ask, parse_ask
@@ -203,7 +204,16 @@ class AskMixin(BaseHandler):
 
 
 class EventStreamHandler(AskMixin):
-    """Writes one session's events to one client, from a cursor, until the session ends."""
+    """Writes one session's events to one client, from a cursor, until the session ends.
+
+    The headers (and the first frames) go out through Tornado's ``flush()``. After
+    that, frames take a shorter path: ``wake()``, called by the session as an
+    event is appended, sends them on the socket at once while the coroutine
+    sleeps, so one event costs one ``send`` and no future, task step or
+    Tornado write-path call. Whatever the socket does not take goes to the
+    IOStream, and the coroutine awaits its future (back-pressure) before reading
+    on; Tornado still owns the connection (disconnects, keep-alive, ``finish``).
+    """
 
     def initialize(self) -> None:
         self._waiter: asyncio.Future[None] | None = None
@@ -213,13 +223,21 @@ class EventStreamHandler(AskMixin):
         self._flushing_since = 0.0
         self._last_write = time.monotonic()
         self._session: Session | None = None
+        self._after = 0  # the cursor: the sequence number of the last event sent
+        self._socket: socket.socket | None = None  # set once the headers are out
+        self._chunked = False
+        self._direct = False  # wake() may send (no pacing, headers out)
+        self._draining: asyncio.Future[None] | None = None  # bytes the socket did not take
 
     # -- called by the session and the watchdog ------------------------------
 
     def wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is None or waiter.done():
+            return
+        if self._direct and self._session.running and not self._ping_due and self._push():
+            return  # sent in full: the coroutine sleeps on
+        waiter.set_result(None)
 
     def check(self, now: float) -> None:
         settings = self.relay.settings
@@ -256,48 +274,55 @@ class EventStreamHandler(AskMixin):
     async def pump(self, session: Session, after: int) -> None:
         """Relay ``session`` from cursor ``after`` until it ends or the client leaves.
 
-        Everything the session has is written at once and flushed (awaited: a
-        client that does not read holds the pump here, and the session makes the
-        upstream wait). Before the response is committed, a session that fails
+        Everything the session has is written at once. A client that does not
+        read holds the pump on the IOStream's future, and the session makes the
+        upstream wait. Before the response is committed, a session that fails
         with nothing relayed becomes a plain HTTP error with the error's status.
         """
         relay = self.relay
         self._session = session
+        self._after = after
         relay.streams.add(self)
         session.subscribe(self, after)
-        started, first = time.monotonic(), after
+        started = time.monotonic()
         reason = "client_closed"
         pace = relay.settings.pace_ms / 1000
         try:
             if self._committed:
                 # A stream attached before any event: the client gets its headers and
                 # retry now, not with the first event or heartbeat.
-                await self._send(b"", 0)
+                await self._open(b"", 0, pace)
             while not self._closed:
-                frames = session.read(self, after)
+                if self._draining is not None:
+                    await self._drain()
+                    continue
+                frames = session.read(self, self._after)
                 if frames:
-                    if not self._committed:
-                        self.commit()
-                    after += len(frames)
-                    if pace:
+                    self._after += len(frames)
+                    if self._socket is None:
+                        await self._open(b"".join(frames), len(frames), pace)
+                    elif pace:
                         # The typewriter effect: one event per write, spaced without blocking.
                         for frame in frames:
-                            await self._send(frame, 1)
+                            self._write(frame, 1)
+                            await self._drain()
                             await asyncio.sleep(pace)
                     else:
-                        await self._send(b"".join(frames), len(frames))
+                        self._write(b"".join(frames), len(frames))
                     continue
                 if not session.running:
                     reason = session.error.code if session.error else "done"
-                    if not self._committed:
-                        if session.error is not None:
+                    if self._socket is None:
+                        if session.error is not None and not self._committed:
                             return self.send_relay_error(session.error)
-                        self.commit()
-                    await self._send(session.error_frame, 0)
+                        await self._open(session.error_frame, 0, pace)
+                    elif session.error_frame:
+                        self._write(session.error_frame, 0)
+                        await self._drain()
                     break
                 if self._ping_due:
                     self._ping_due = False
-                    await self._send(PING_FRAME, 0)
+                    self._write(PING_FRAME, 0)
                     continue
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
@@ -306,7 +331,11 @@ class EventStreamHandler(AskMixin):
             pass
         except RelayError as e:  # a cursor overtaken by trimming: a gap we will not hide
             reason = e.code
-            await self._send(encode_error(e), 0)
+            if self._socket is None:
+                await self._open(encode_error(e), 0, pace)
+            else:
+                self._write(encode_error(e), 0)
+                await self._drain()
         finally:
             session.unsubscribe(self)
             relay.streams.discard(self)
@@ -318,15 +347,18 @@ class EventStreamHandler(AskMixin):
                 session.owner,
                 session.robot_id,
                 self.get_status(),
-                after - first,
+                self._after - after,
                 duration,
                 reason,
             )
         if not self._closed:
             self.finish()
 
-    async def _send(self, data: bytes, events: int) -> None:
-        """Write and flush; the flush is awaited, and timed for the send timeout."""
+    async def _open(self, data: bytes, events: int, pace: float) -> None:
+        """Send the headers (committing if needed) and ``data`` through Tornado, then
+        switch to `_write`."""
+        if not self._committed:
+            self.commit()
         self.write(data)
         self._flushing_since = time.monotonic()
         try:
@@ -334,9 +366,68 @@ class EventStreamHandler(AskMixin):
         finally:
             self._flushing_since = 0.0
             self._last_write = time.monotonic()
+        self._count(len(data), events)
+        stream = self.request.connection.stream
+        # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
+        # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
+        self._chunked = self.request.version == "HTTP/1.1"
+        self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
+        self._direct = self._socket is not None and not pace
+
+    def _push(self) -> bool:
+        """Send what the session has now; True when the socket took all of it."""
+        frames = self._session.read(self, self._after)
+        if not frames:
+            return False
+        self._after += len(frames)
+        try:
+            return self._write(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
+        except StreamClosedError:
+            return False
+
+    def _write(self, data: bytes, events: int) -> bool:
+        """Send ``data`` as one body chunk, straight to the socket when nothing is queued.
+
+        True when the socket took all of it. Otherwise the rest is queued on the
+        IOStream and `_draining` is its future, which the coroutine awaits
+        (timed by the send timeout). A socket error closes the stream, which
+        Tornado reports as a disconnect.
+        """
+        self._count(len(data), events)
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        stream = self.request.connection.stream
+        sent = 0
+        if self._socket is not None and self._draining is None and not stream.writing():
+            try:
+                sent = self._socket.send(data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                stream.close()
+                return False
+        self._last_write = time.monotonic()
+        if sent == len(data):
+            return True
+        self._draining = stream.write(memoryview(data)[sent:])
+        self._flushing_since = self._last_write
+        return False
+
+    async def _drain(self) -> None:
+        """Wait until the IOStream has sent what the socket did not take."""
+        if self._draining is None:
+            return
+        try:
+            await self._draining
+        finally:
+            self._draining = None
+            self._flushing_since = 0.0
+            self._last_write = time.monotonic()
+
+    def _count(self, size: int, events: int) -> None:
         metrics = self.relay.metrics
         metrics.events += events
-        metrics.bytes_out += len(data)
+        metrics.bytes_out += size
 
 
 def encode_error(error: RelayError) -> bytes:
