@@ -342,19 +342,23 @@ class MirrorSession(Session):
                     self.fail(RelayError(410, "expired", "the session expired"))
                 continue
             idle = 0
+            frames: list[bytes] = []
             for entry_id, fields in reply[0][1]:
                 seq, part = _seq(entry_id)
                 if part == 1:
+                    self.push_frames(frames)
                     if fields.get(b"end") == DONE.encode():
                         self.finish()
                     else:
                         self.fail(_error_from(fields))
                     return
                 if seq != cursor + 1:
+                    self.push_frames(frames)
                     self.fail(RelayError(409, "bad_last_event_id", "events were lost in the store"))
                     return
-                self.push_frame(fields[b"f"])
+                frames.append(fields[b"f"])
                 cursor = seq
+            self.push_frames(frames)
 
     async def _still_there(self) -> bool:
         try:

@@ -90,18 +90,26 @@ class Session:
     def running(self) -> bool:
         return self.state == RUNNING
 
-    def append(self, data: str) -> None:
-        """Number and keep one event; wake the readers."""
-        if self.state != RUNNING:
+    def append(self, *texts: str) -> None:
+        """Number and keep one event per text; then wake the readers, once."""
+        if self.state != RUNNING or not texts:
             return
-        self.push_frame(encode_event(data, id=self.last_seq + 1))
+        seq = self.last_seq
+        self.push_frames([encode_event(text, id=seq + i) for i, text in enumerate(texts, 1)])
 
-    def push_frame(self, frame: bytes) -> None:
-        """Keep one already encoded frame as event ``last_seq + 1``; wake the readers."""
-        self.last_seq += 1
-        self._frames.append(frame)
-        self._kept_bytes += len(frame)
-        self.total_bytes += len(frame)
+    def push_frames(self, frames: list[bytes]) -> None:
+        """Keep already encoded frames as events ``last_seq + 1`` onwards; wake the readers.
+
+        Readers are woken once per call, so what one upstream read delivered
+        leaves in one write.
+        """
+        if not frames:
+            return
+        size = sum(map(len, frames))
+        self.last_seq += len(frames)
+        self._frames.extend(frames)
+        self._kept_bytes += size
+        self.total_bytes += size
         self.last_activity = time.monotonic()
         if self.replayable:
             self._trim()

@@ -249,27 +249,36 @@ class UpstreamCall:
         session = self.session
         try:
             events = self._parser.feed(chunk)
-            if not events:
-                return None
-            self.last_activity = time.monotonic()
-            for event in events:
-                texts, done = self.rules.apply(event.data)
-                if texts and session.last_seq == 0:
-                    self.upstream.metrics.ttft.observe(time.monotonic() - session.created)
-                for text in texts:
-                    session.append(text)
-                if done:
-                    self._done = True
-                    session.finish()
-                    self._handle.cancel()
-                    return None
         except LineTooLong:
             self._fail_now(
                 RelayError(502, "upstream_bad_chunk", "the upstream sent an over-long line")
             )
             return None
+        if not events:
+            return None
+        self.last_activity = time.monotonic()
+        # Everything this read completed goes to the session in one append, so
+        # readers are woken once and send it in one write.
+        out: list[str] = []
+        failure = None
+        try:
+            for event in events:
+                texts, self._done = self.rules.apply(event.data)
+                out += texts
+                if self._done:
+                    break
         except RelayError as e:
-            self._fail_now(e)
+            failure = e
+        if out:
+            if session.last_seq == 0:
+                self.upstream.metrics.ttft.observe(time.monotonic() - session.created)
+            session.append(*out)
+        if failure is not None:
+            self._fail_now(failure)
+            return None
+        if self._done:
+            session.finish()
+            self._handle.cancel()
             return None
         return session.room()
 
