@@ -8,6 +8,7 @@ the stream has not started yet, and a stable ``code`` for the JSON body or the
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 import ujson
 
@@ -37,3 +38,19 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         if secret and secret in text:
             text = text.replace(secret, "[redacted]")
     return text
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def detached(error: E) -> E:
+    """``error`` without its traceback or chained exceptions, to keep after the except block.
+
+    Kept whole, an exception holds the frames it passed through, and they hold
+    it back: a reference cycle that only a full GC pass frees, and the server
+    runs those rarely (see relay/serve.py).
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
+    return error

@@ -38,6 +38,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
+from relay.errors import detached
 from relay.http1 import ResponseHead, ResponseParser
 
 
@@ -84,6 +85,8 @@ class StreamingHTTPClient(AsyncHTTPClient):
 
         def done(future: asyncio.Future[HTTPResponse]) -> None:
             self.active.discard(reader)
+            if handle is not None:
+                handle._reader = None  # no handle -> reader -> request -> handle cycle
             connecting.cancel()  # a cancel or timeout while connecting must not wait for it
             callback(future.result())
 
@@ -216,7 +219,7 @@ class _ResponseReader(asyncio.Protocol):
     def fail(self, error: BaseException) -> None:
         """End the fetch with ``error`` (a 599) and drop the connection now."""
         if not self.done.done():
-            self._end(self.response(error))
+            self._end(self.response(detached(error)))
         if self.transport is not None:
             self.transport.abort()
 
@@ -228,6 +231,7 @@ class _ResponseReader(asyncio.Protocol):
     def _end(self, response: HTTPResponse) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None  # it holds self.fail: a cycle otherwise
         if not self.done.done():
             self.done.set_result(response)
 

@@ -240,6 +240,7 @@ class RedisWriter:
                     await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                     attempt += 1
             if self.end_written:
+                self.session.observers.remove(self.wake)  # no session <-> writer cycle left
                 return
 
     def _caught_up(self) -> bool:

@@ -35,7 +35,7 @@ from tornado.simple_httpclient import HTTPTimeoutError
 from relay.ask import Ask
 from relay.chunks import ChunkRules, error_message
 from relay.config import Robot, Settings
-from relay.errors import RelayError, redact
+from relay.errors import RelayError, detached, redact
 from relay.httpclient import CancelHandle, StreamingHTTPClient
 from relay.metrics import Metrics
 from relay.sessions import Session
@@ -180,6 +180,7 @@ class UpstreamCall:
             await self._run()
         finally:
             self.upstream.calls.discard(self)
+            self.session.on_cancel = None  # no session <-> call cycle left for the GC
 
     async def _run(self) -> None:
         pool = self.upstream.keys
@@ -193,10 +194,13 @@ class UpstreamCall:
             self._is_stream = True
             self._error_body = bytearray()
             try:
-                await self.upstream.client.fetch(self._request(key), raise_error=False)
+                response = await self.upstream.client.fetch(self._request(key), raise_error=False)
+                # The HTTPClientError of a non-2xx response holds the response in its
+                # args: a cycle, and nothing here needs the error.
+                response.error = None
                 failure: Exception | None = None
             except Exception as e:  # noqa: BLE001 - any failure must end the session, not the task
-                failure = e
+                failure = detached(e)
             if self._status:
                 self.upstream.metrics.upstream_responses.labels(str(self._status)).inc()
             if self._status in RETRY_STATUSES and key is not None:
@@ -268,7 +272,7 @@ class UpstreamCall:
                 if self._done:
                     break
         except RelayError as e:
-            failure = e
+            failure = detached(e)
         if out:
             if session.last_seq == 0:
                 self.upstream.metrics.ttft.observe(time.monotonic() - session.created)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,17 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
+from tornado.web import RequestHandler
 
 from relay.app import Relay, make_app
+from relay.chunks import ChunkRules
 from relay.config import Settings
+from relay.errors import RelayError
+from relay.http1 import ResponseParser
+from relay.httpclient import CancelHandle, _ResponseReader
+from relay.sessions import Session
 from relay.sse import ServerSentEvent, SSEParser
+from relay.upstream import UpstreamCall
 from tests.fakeupstream import FakeUpstream
 
 
@@ -134,6 +142,9 @@ async def fetch_stream(
         )
     finally:
         client.close()
+    # Tornado's error for a non-2xx response holds the response: a cycle the
+    # tests of the relay's own cycles must not see.
+    response.error = None
     return StreamResult(
         response.code, resp_headers, events, bytes(raw), bytes(raw), parser.retry, chunks
     )
@@ -163,6 +174,42 @@ def nothing_left(rs: RelayServer) -> bool:
     return not (
         len(relay.store) or relay.streams or relay.upstream.calls or relay.upstream.client.active
     )
+
+
+# What one stream allocates (app-wide objects such as a relay torn down by an
+# earlier test's fixture are not the question here).
+PER_STREAM = (
+    Session,
+    UpstreamCall,
+    ChunkRules,
+    SSEParser,
+    CancelHandle,
+    ResponseParser,
+    RelayError,
+    RequestHandler,
+    _ResponseReader,
+)
+
+
+@pytest.fixture
+def clean_gc():
+    """Start from no garbage (an earlier test's torn-down relay is garbage too)."""
+    gc.collect()
+    gc.garbage.clear()
+    yield
+    gc.set_debug(0)
+
+
+def cyclic_stream_garbage() -> list[str]:
+    """Collect; the per-stream objects that were only reachable through cycles."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return sorted({type(o).__qualname__ for o in gc.garbage if isinstance(o, PER_STREAM)})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.collect()  # saved objects keep their cycles: free them for real now
 
 
 def chunked(body: bytes, size: int) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 from tornado.iostream import IOStream
 
 from relay.limits import RateLimiter
-from tests.conftest import ASK, eventually, fetch_stream, nothing_left
+from tests.conftest import ASK, cyclic_stream_garbage, eventually, fetch_stream, nothing_left
 from tests.fakeupstream import answer_frames, chunk, hang, send_frames, start_stream, status
 
 
@@ -211,7 +211,7 @@ GARBAGE = bytes(range(256)) * 64
     ],
 )
 async def test_upstream_faults_give_the_contract_error_and_free_everything(
-    relay, fake, scenario, status_code, code
+    relay, fake, clean_gc, scenario, status_code, code
 ):
     first = answer_frames(["a"], finish=False)
     fake.script = {
@@ -229,6 +229,8 @@ async def test_upstream_faults_give_the_contract_error_and_free_everything(
     else:
         assert res.json()["error"]["code"] == code
     await eventually(lambda: nothing_left(relay))
+    garbage = cyclic_stream_garbage()  # the fault left no cycle for a GC pass to find
+    assert garbage == [], garbage
     fake.script = send_frames(answer_frames(["fine"]))
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
     assert res.text() == "fine"

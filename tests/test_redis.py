@@ -21,7 +21,14 @@ import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import IOStream
 
-from tests.conftest import ASK, create_session, fetch_stream
+from tests.conftest import (
+    ASK,
+    create_session,
+    cyclic_stream_garbage,
+    eventually,
+    fetch_stream,
+    nothing_left,
+)
 from tests.fakeupstream import hang, stream_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,3 +278,20 @@ def test_workers_with_the_memory_store_is_refused():
     )
     assert proc.returncode == 2
     assert "--store=redis://" in proc.stderr
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_redis_sessions_and_their_mirrors_leave_no_cycles(
+    make_relay, fake, redis_server, clean_gc
+):
+    a = make_relay(upstream=fake.url, store=redis_server.url)
+    b = make_relay(upstream=fake.url, store=redis_server.url)
+    fake.script = stream_tokens(["a", "b"])
+    created = await create_session(a)
+    assert (await fetch_stream(a.url + created["streamUrl"])).text() == "ab"
+    assert (await fetch_stream(b.url + created["streamUrl"])).text() == "ab"  # a mirror
+    await a.relay.store.remove(created["uid"])
+    await eventually(lambda: nothing_left(a) and nothing_left(b))
+    await eventually(lambda: len(a.relay.store._tasks) == 1)  # the writer is done
+    garbage = cyclic_stream_garbage()
+    assert garbage == [], garbage
