@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tornado.iostream import SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from relay.ask import MAX_BODY, Ask, parse_ask
@@ -225,9 +225,11 @@ class EventStreamHandler(AskMixin):
         self._session: Session | None = None
         self._after = 0  # the cursor: the sequence number of the last event sent
         self._socket: socket.socket | None = None  # set once the headers are out
+        self._stream: IOStream | None = None
         self._chunked = False
         self._direct = False  # wake() may send (no pacing, headers out)
         self._draining: asyncio.Future[None] | None = None  # bytes the socket did not take
+        self.end_logged = False  # the "stream end" access line replaces Tornado's
 
     # -- called by the session and the watchdog ------------------------------
 
@@ -341,6 +343,7 @@ class EventStreamHandler(AskMixin):
             relay.streams.discard(self)
             duration = time.monotonic() - started
             relay.metrics.stream_ended(reason, duration)
+            self.end_logged = True
             access_log.info(
                 "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
                 session.uid,
@@ -367,7 +370,7 @@ class EventStreamHandler(AskMixin):
             self._flushing_since = 0.0
             self._last_write = time.monotonic()
         self._count(len(data), events)
-        stream = self.request.connection.stream
+        self._stream = stream = self.request.connection.stream
         # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
         # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
         self._chunked = self.request.version == "HTTP/1.1"
@@ -390,26 +393,26 @@ class EventStreamHandler(AskMixin):
 
         True when the socket took all of it. Otherwise the rest is queued on the
         IOStream and `_draining` is its future, which the coroutine awaits
-        (timed by the send timeout). A socket error closes the stream, which
-        Tornado reports as a disconnect.
+        (timed by the send timeout); until it resolves, writes queue behind it,
+        so ``_draining is None`` means the IOStream holds nothing. A socket error
+        closes the stream, which Tornado reports as a disconnect.
         """
         self._count(len(data), events)
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
-        stream = self.request.connection.stream
         sent = 0
-        if self._socket is not None and self._draining is None and not stream.writing():
+        if self._socket is not None and self._draining is None:
             try:
                 sent = self._socket.send(data)
             except BlockingIOError:
                 pass
             except OSError:
-                stream.close()
+                self._stream.close()
                 return False
         self._last_write = time.monotonic()
         if sent == len(data):
             return True
-        self._draining = stream.write(memoryview(data)[sent:])
+        self._draining = self._stream.write(memoryview(data)[sent:])
         self._flushing_since = self._last_write
         return False
 

@@ -302,11 +302,19 @@ async def test_metrics_expose_streams_events_errors_and_ttft(relay, fake):
 
 @pytest.mark.gen_test
 async def test_one_access_log_line_per_stream_end(relay, fake, caplog):
-    caplog.set_level(logging.INFO, logger="relay.access")
+    caplog.set_level(logging.INFO)
     fake.script = send_frames(answer_frames(["a"]))
     await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    await fetch_stream(relay.url + "/aianswer/streamAsk", b"{")
     lines = [r.getMessage() for r in caplog.records if r.name == "relay.access"]
     assert len(lines) == 1
+    # Tornado's own access line for everything else, not twice for the stream.
+    tornado = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tornado.access" and "/aianswer/" in r.getMessage()
+    ]
+    assert len(tornado) == 1 and tornado[0].startswith("400 POST /aianswer/streamAsk"), tornado
     line = lines[0]
     for field in ("uid=", "user=anonymous", "robot=1", "status=200", "events=3", "reason=done"):
         assert field in line, line
