@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
+from tornado.iostream import IOStream
 
 from relay import demo
-from tests.conftest import ASK, fetch_stream
+from relay.http1 import ResponseParser
+from relay.sse import ServerSentEvent, SSEParser
+from tests.conftest import ASK, StreamResult, fetch_stream
 from tests.fakeupstream import answer_frames, chunk, send_frames, stream_tokens
 
 TOKENS = ["尊敬", "的", "用户", "，", "\n\n", " ", "Hello", " world", "！", "\n"]
@@ -178,3 +182,55 @@ async def test_stream_longer_than_twenty_seconds_is_not_cut(relay, fake):
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK, timeout=60)
     assert res.text() == "".join(f"t{i} " for i in range(23))
     assert res.data[-1] == "[DONE]"
+
+
+# -- the write path: frames go straight to the socket until it is full ------------------
+
+
+async def raw_exchange(rs, request: bytes, rcvbuf: int | None = None) -> IOStream:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    stream = IOStream(sock)
+    await stream.connect(("127.0.0.1", int(rs.url.rsplit(":", 1)[1])))
+    await stream.write(request)
+    return stream
+
+
+def post(version: str) -> bytes:
+    body = json.dumps(ASK).encode()
+    return (
+        b"POST /aianswer/streamAsk %s\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (version.encode(), len(body), body)
+    )
+
+
+def answer_text(events: list[ServerSentEvent]) -> str:
+    return StreamResult(200, {}, events, b"").text()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_slow_reader_gets_every_frame_in_order_across_socket_full_and_drain(relay, fake):
+    # Far more than the socket buffers hold: sends stop short, the rest queues on
+    # the IOStream, the pump waits for it to drain, then sends directly again.
+    tokens = [f"{i:05d}片段" + "x" * 1500 for i in range(5000)]  # 7.6 MB: past any send buffer
+    fake.script = stream_tokens(tokens)
+    stream = await raw_exchange(relay, post("HTTP/1.1"), rcvbuf=4096)
+    await asyncio.sleep(1.0)  # read nothing for a while
+    response, parser, events = ResponseParser(), SSEParser(), []
+    while not response.done:
+        events += parser.feed(response.feed(await stream.read_bytes(65536, partial=True)))
+    stream.close()
+    assert answer_text(events) == "".join(tokens)
+    assert [int(e.id) for e in events] == list(range(1, len(tokens) + 3))
+
+
+@pytest.mark.gen_test
+async def test_http10_client_gets_an_unchunked_stream_ended_by_close(relay, fake):
+    fake.script = stream_tokens(["你", "好", "\n"])
+    stream = await raw_exchange(relay, post("HTTP/1.0"))
+    raw = await stream.read_until_close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
+    assert body.startswith(b"retry: 3000\n\n")
+    assert answer_text(SSEParser().feed(body)) == "你好\n"
