@@ -237,7 +237,7 @@ class EventStreamHandler(AskMixin):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._direct and self._session.running and not self._ping_due and self._push():
+        if self._direct and self._can_push() and self._push():
             return  # sent in full: the coroutine sleeps on
         waiter.set_result(None)
 
@@ -376,6 +376,10 @@ class EventStreamHandler(AskMixin):
         self._chunked = self.request.version == "HTTP/1.1"
         self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
         self._direct = self._socket is not None and not pace
+
+    def _can_push(self) -> bool:
+        """Whether wake() may send for the sleeping coroutine: nothing else for it to do."""
+        return not self._closed and self._session.running and not self._ping_due
 
     def _push(self) -> bool:
         """Send what the session has now; True when the socket took all of it."""
