@@ -206,13 +206,14 @@ class AskMixin(BaseHandler):
 class EventStreamHandler(AskMixin):
     """Writes one session's events to one client, from a cursor, until the session ends.
 
-    The headers (and the first frames) go out through Tornado's ``flush()``. After
-    that, frames take a shorter path: ``wake()``, called by the session as an
-    event is appended, sends them on the socket at once while the coroutine
-    sleeps, so one event costs one ``send`` and no future, task step or
-    Tornado write-path call. Whatever the socket does not take goes to the
-    IOStream, and the coroutine awaits its future (back-pressure) before reading
-    on; Tornado still owns the connection (disconnects, keep-alive, ``finish``).
+    ``wake()``, called by the session as events are appended, sends them at once
+    while the coroutine sleeps: the first time with the headers through
+    Tornado's ``flush()``, after that with one ``send`` on the socket and no
+    future, task step or Tornado write-path call. Whatever the socket does not
+    take goes to the IOStream, and the coroutine awaits its future
+    (back-pressure) before reading on. The coroutine itself handles the rest:
+    the end, errors, heartbeats and pacing. Tornado still owns the connection
+    (disconnects, keep-alive, ``finish``).
     """
 
     def initialize(self) -> None:
@@ -220,14 +221,14 @@ class EventStreamHandler(AskMixin):
         self._closed = False
         self._committed = False
         self._ping_due = False
+        self._pace = 0.0
         self._flushing_since = 0.0
         self._last_write = time.monotonic()
         self._session: Session | None = None
         self._after = 0  # the cursor: the sequence number of the last event sent
-        self._socket: socket.socket | None = None  # set once the headers are out
-        self._stream: IOStream | None = None
+        self._stream: IOStream | None = None  # set once the headers are out
+        self._socket: socket.socket | None = None  # ... unless TLS: then every byte queues
         self._chunked = False
-        self._direct = False  # wake() may send (no pacing, headers out)
         self._draining: asyncio.Future[None] | None = None  # bytes the socket did not take
         self.end_logged = False  # the "stream end" access line replaces Tornado's
 
@@ -237,7 +238,7 @@ class EventStreamHandler(AskMixin):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._direct and self._can_push() and self._push():
+        if self._can_push() and self._push():
             return  # sent in full: the coroutine sleeps on
         waiter.set_result(None)
 
@@ -284,16 +285,16 @@ class EventStreamHandler(AskMixin):
         relay = self.relay
         self._session = session
         self._after = after
+        self._pace = pace = relay.settings.pace_ms / 1000
         relay.streams.add(self)
         session.subscribe(self, after)
         started = time.monotonic()
         reason = "client_closed"
-        pace = relay.settings.pace_ms / 1000
         try:
             if self._committed:
                 # A stream attached before any event: the client gets its headers and
                 # retry now, not with the first event or heartbeat.
-                await self._open(b"", 0, pace)
+                self._send(b"", 0)
             while not self._closed:
                 if self._draining is not None:
                     await self._drain()
@@ -301,30 +302,25 @@ class EventStreamHandler(AskMixin):
                 frames = session.read(self, self._after)
                 if frames:
                     self._after += len(frames)
-                    if self._socket is None:
-                        await self._open(b"".join(frames), len(frames), pace)
-                    elif pace:
+                    if pace:
                         # The typewriter effect: one event per write, spaced without blocking.
                         for frame in frames:
-                            self._write(frame, 1)
+                            self._send(frame, 1)
                             await self._drain()
                             await asyncio.sleep(pace)
                     else:
-                        self._write(b"".join(frames), len(frames))
+                        self._send(b"".join(frames), len(frames))
                     continue
                 if not session.running:
                     reason = session.error.code if session.error else "done"
-                    if self._socket is None:
-                        if session.error is not None and not self._committed:
-                            return self.send_relay_error(session.error)
-                        await self._open(session.error_frame, 0, pace)
-                    elif session.error_frame:
-                        self._write(session.error_frame, 0)
-                        await self._drain()
+                    if session.error is not None and not self._committed:
+                        return self.send_relay_error(session.error)
+                    self._send(session.error_frame, 0)
+                    await self._drain()
                     break
                 if self._ping_due:
                     self._ping_due = False
-                    self._write(PING_FRAME, 0)
+                    self._send(PING_FRAME, 0)
                     continue
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
@@ -333,11 +329,8 @@ class EventStreamHandler(AskMixin):
             pass
         except RelayError as e:  # a cursor overtaken by trimming: a gap we will not hide
             reason = e.code
-            if self._socket is None:
-                await self._open(encode_error(e), 0, pace)
-            else:
-                self._write(encode_error(e), 0)
-                await self._drain()
+            self._send(encode_error(e), 0)
+            await self._drain()
         finally:
             session.unsubscribe(self)
             relay.streams.discard(self)
@@ -357,51 +350,39 @@ class EventStreamHandler(AskMixin):
         if not self._closed:
             self.finish()
 
-    async def _open(self, data: bytes, events: int, pace: float) -> None:
-        """Send the headers (committing if needed) and ``data`` through Tornado, then
-        switch to `_write`."""
-        if not self._committed:
-            self.commit()
-        self.write(data)
-        self._flushing_since = time.monotonic()
-        try:
-            await self.flush()
-        finally:
-            self._flushing_since = 0.0
-            self._last_write = time.monotonic()
-        self._count(len(data), events)
-        self._stream = stream = self.request.connection.stream
-        # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
-        # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
-        self._chunked = self.request.version == "HTTP/1.1"
-        self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
-        self._direct = self._socket is not None and not pace
-
     def _can_push(self) -> bool:
-        """Whether wake() may send for the sleeping coroutine: nothing else for it to do."""
-        return not self._closed and self._session.running and not self._ping_due
+        """Whether wake() may send for the sleeping coroutine: nothing else is due."""
+        return not (self._pace or self._closed or self._ping_due) and self._session.running
 
     def _push(self) -> bool:
-        """Send what the session has now; True when the socket took all of it."""
+        """Send what the session has now; True when all of it went out."""
         frames = self._session.read(self, self._after)
         if not frames:
             return False
         self._after += len(frames)
         try:
-            return self._write(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
+            return self._send(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
         except StreamClosedError:
             return False
 
-    def _write(self, data: bytes, events: int) -> bool:
-        """Send ``data`` as one body chunk, straight to the socket when nothing is queued.
+    def _send(self, data: bytes, events: int) -> bool:
+        """Send ``data`` now; True when all of it went out, else `_draining` is set.
 
-        True when the socket took all of it. Otherwise the rest is queued on the
-        IOStream and `_draining` is its future, which the coroutine awaits
-        (timed by the send timeout); until it resolves, writes queue behind it,
-        so ``_draining is None`` means the IOStream holds nothing. A socket error
-        closes the stream, which Tornado reports as a disconnect.
+        The first send carries the headers (committing if needed) through
+        Tornado's ``flush()``; later ones are one body chunk each, straight to
+        the socket when nothing is queued. What the socket does not take is
+        queued on the IOStream and `_draining` is its future, which the
+        coroutine awaits (timed by the send timeout); until it resolves, sends
+        queue behind it, so ``_draining is None`` means the IOStream holds
+        nothing. A socket error closes the stream, which Tornado reports as a
+        disconnect.
         """
         self._count(len(data), events)
+        self._last_write = time.monotonic()
+        if self._stream is None:
+            return self._open(data)
+        if not data:
+            return True  # an empty chunk would end the response
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         sent = 0
@@ -413,10 +394,26 @@ class EventStreamHandler(AskMixin):
             except OSError:
                 self._stream.close()
                 return False
-        self._last_write = time.monotonic()
         if sent == len(data):
             return True
-        self._draining = self._stream.write(memoryview(data)[sent:])
+        return self._queued(self._stream.write(memoryview(data)[sent:]))
+
+    def _open(self, data: bytes) -> bool:
+        if not self._committed:
+            self.commit()
+        self.write(data)
+        self._stream = stream = self.request.connection.stream
+        # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
+        # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
+        self._chunked = self.request.version == "HTTP/1.1"
+        self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
+        flushed = self.flush()
+        if flushed.done() and flushed.exception() is None:
+            return True
+        return self._queued(flushed)
+
+    def _queued(self, future: asyncio.Future[None]) -> bool:
+        self._draining = future
         self._flushing_since = self._last_write
         return False
 
