@@ -328,3 +328,13 @@ async def test_event_streams_are_never_compressed(relay, fake):
     )
     assert "content-encoding" not in res.headers
     assert res.text() == "a" * 2000
+
+
+@pytest.mark.gen_test
+async def test_request_after_the_upstream_client_closed_is_a_clean_502(relay, fake):
+    # Shutdown closes the HTTP client; a request still arriving then gets the contract error.
+    relay.relay.upstream.client.close()
+    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 502
+    assert res.json()["error"]["code"] == "upstream_unavailable"
+    await eventually(lambda: nothing_left(relay))
