@@ -1,9 +1,9 @@
 """HTTP handlers: JSON endpoints, and the event-stream writer shared by both stream routes.
 
 `EventStreamHandler` is the one place that writes an event stream: it reads a
-session from a cursor, writes what is there in one write, awaits ``flush()``
-(back-pressure), and sleeps on a future the session resolves when there is
-news. The app's watchdog tick calls `EventStreamHandler.check` for heartbeats
+session from a cursor and sends what is there in one write, from the session's
+wake-up while its coroutine sleeps; what the socket does not take is awaited
+(back-pressure). The app's watchdog tick calls `EventStreamHandler.check` for heartbeats
 and the send timeout. ``streamAsk`` and ``GET /aianswer/stream/<uid>`` differ
 only in when the response is committed and in what a disconnect does.
 """

@@ -197,23 +197,18 @@ class Session:
 
     def read(self, sub: Subscriber, after: int) -> list[bytes]:
         """Frames numbered after ``after``; raises `RelayError` if they were dropped."""
-        first = self._first_seq
-        if not first - 1 <= after <= self.last_seq:  # check_cursor, inlined: once per event
+        if not self.check_cursor(after):
             raise RelayError(409, "bad_last_event_id", "events after that id are no longer kept")
-        frames = self._frames
         if not self.replayable:
-            while first <= after:
-                self._kept_bytes -= len(frames.popleft())
-                first += 1
-            self._first_seq = first
-        start = after - first + 1
-        out = list(frames) if start <= 0 else list(islice(frames, start, None))
-        subscribers = self._subscribers
-        if out or sub in subscribers:
-            subscribers[sub] = self.total_bytes
+            while self._first_seq <= after:
+                self._kept_bytes -= len(self._frames.popleft())
+                self._first_seq += 1
+        frames = self.frames_after(after)
+        if frames or sub in self._subscribers:
+            self._subscribers[sub] = self.total_bytes
             if self._room is not None and self.lag() <= self.limits.high_water // 2:
                 self._release_room()
-        return out
+        return frames
 
     def frames_after(self, after: int) -> list[bytes]:
         """The kept frames numbered after ``after`` (from the oldest kept one if it is older)."""

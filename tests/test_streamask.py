@@ -13,7 +13,7 @@ from tornado.iostream import IOStream
 from relay import demo
 from relay.http1 import ResponseParser
 from relay.sse import ServerSentEvent, SSEParser
-from tests.conftest import ASK, StreamResult, fetch_stream
+from tests.conftest import ASK, StreamResult, eventually, fetch_stream
 from tests.fakeupstream import answer_frames, chunk, send_frames, stream_tokens
 
 TOKENS = ["尊敬", "的", "用户", "，", "\n\n", " ", "Hello", " world", "！", "\n"]
@@ -216,7 +216,8 @@ async def test_slow_reader_gets_every_frame_in_order_across_socket_full_and_drai
     tokens = [f"{i:05d}片段" + "x" * 1500 for i in range(5000)]  # 7.6 MB: past any send buffer
     fake.script = stream_tokens(tokens)
     stream = await raw_exchange(relay, post("HTTP/1.1"), rcvbuf=4096)
-    await asyncio.sleep(1.0)  # read nothing for a while
+    # Read nothing until the socket is full and the relay has bytes queued.
+    await eventually(lambda: any(s._draining for s in relay.relay.streams), timeout=10)
     response, parser, events = ResponseParser(), SSEParser(), []
     while not response.done:
         events += parser.feed(response.feed(await stream.read_bytes(65536, partial=True)))
