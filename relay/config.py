@@ -62,6 +62,7 @@ class Settings:
     upstream_connect_timeout: float = 30.0
     upstream_idle_timeout: float = 60.0
     upstream_timeout: float = 600.0
+    upstream_keepalive: float = 15.0
     max_streams: int = 10000
     rate_limit: int = 0
     send_timeout: float = 30.0
@@ -131,6 +132,12 @@ def _define(parser: OptionParser) -> None:
         default=600.0,
         type=float,
         help="seconds an upstream call may last",
+    )
+    d(
+        "upstream_keepalive",
+        default=15.0,
+        type=float,
+        help="seconds an idle upstream connection is kept for reuse (0: none)",
     )
     d("max_streams", default=10000, type=int, help="concurrent client streams")
     d(
@@ -261,7 +268,7 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("pace_ms", "rate_limit", "workers"):
+    for name in ("pace_ms", "rate_limit", "workers", "upstream_keepalive"):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     if s.store != "memory" and not s.store.startswith("redis://"):
@@ -303,6 +310,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         upstream_connect_timeout=o["upstream_connect_timeout"],
         upstream_idle_timeout=o["upstream_idle_timeout"],
         upstream_timeout=o["upstream_timeout"],
+        upstream_keepalive=o["upstream_keepalive"],
         max_streams=o["max_streams"],
         rate_limit=o["rate_limit"],
         send_timeout=o["send_timeout"],

@@ -24,8 +24,9 @@ tokens/s: about 8 µs of CPU per token with the shared ticker, 12 µs with one
 stream per token (see docs/loadtest.md). With ``--interval-ms=0`` tokens go out
 as fast as the reader drains them (transport flow control).
 
-Responses use chunked transfer encoding and ``Connection: close``, like an
-HTTP/1.1 model server answering Tornado's client. It listens on loopback only.
+Responses use chunked transfer encoding. The connection stays open for the next
+request (keep-alive, as uvicorn, nginx or Go servers do) unless the request said
+``Connection: close`` or came as HTTP/1.0. It listens on loopback only.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ _HEAD = (
     b"Content-Type: text/event-stream; charset=utf-8\r\n"
     b"Cache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n"
-    b"Connection: close\r\n\r\n"
 )
+_KEEP = b"\r\n"
+_CLOSE = b"Connection: close\r\n\r\n"
 
 
 def _token_json(i: int) -> bytes:
@@ -189,7 +191,7 @@ class _Ticker:
 
 
 class _Stream(asyncio.Protocol):
-    """One connection: read one request, answer it, close."""
+    """One connection: read a request, answer it; then the next one, or close."""
 
     transport: asyncio.Transport  # set by connection_made
 
@@ -202,6 +204,7 @@ class _Stream(asyncio.Protocol):
         self._start = 0.0
         self._prefix = b""
         self._paused = False
+        self._keep = False  # keep the connection for another request after this answer
         self.closed = False
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -223,9 +226,9 @@ class _Stream(asyncio.Protocol):
             self._send_fast()
 
     def data_received(self, data: bytes) -> None:
-        if self._start or self.closed:
-            return  # one request per connection; anything after it is ignored
         self._buf += data
+        if self._start or self.closed:
+            return  # the next request is read when this answer is done
         if self._head is None:
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
@@ -236,7 +239,9 @@ class _Stream(asyncio.Protocol):
                 return
             del self._buf[: end + 4]
         if len(self._buf) >= self._body_len:
-            self._handle(bytes(self._buf[: self._body_len]))
+            body = bytes(self._buf[: self._body_len])
+            del self._buf[: self._body_len]
+            self._handle(body)
 
     # -- the request -----------------------------------------------------------
 
@@ -262,6 +267,7 @@ class _Stream(asyncio.Protocol):
             return False
         self._body_len = int(length)
         self._head = (parts[0], parts[1].split("?", 1)[0], headers)
+        self._keep = parts[2] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         return True
 
     def _handle(self, body: bytes) -> None:
@@ -313,11 +319,12 @@ class _Stream(asyncio.Protocol):
             ujson.dumps(model, ensure_ascii=False, escape_forward_slashes=False).encode(),
         )
         answer = server.answer
+        head = _HEAD + (_KEEP if self._keep else _CLOSE)
         if answer.tokens == 0:
-            self.transport.write(_HEAD + self._frame(_ROLE, b"null"))
+            self.transport.write(head + self._frame(_ROLE, b"null"))
             self._finish()
             return
-        self.transport.write(_HEAD)
+        self.transport.write(head)
         if answer.interval == 0:
             if answer.first_token:
                 loop.call_later(answer.first_token, self._send_fast)
@@ -346,9 +353,16 @@ class _Stream(asyncio.Protocol):
         return role + self._frame(b'{"content":%s}' % _token_json(i), b"null")
 
     def _finish(self) -> None:
-        self.closed = True
         self.transport.write(self._frame(b"{}", b'"stop"') + _DONE)
-        self.transport.close()
+        if not self._keep:
+            self.closed = True
+            self.transport.close()
+            return
+        self._head = None
+        self._body_len = self._next = 0
+        self._start = 0.0
+        if self._buf:
+            self.data_received(b"")  # a request that came early
 
     def send_next(self) -> None:
         """Write the next token (the ticker calls this when it is due)."""

@@ -17,12 +17,22 @@ It also gives what the stock client lacks:
 * **No queue.** Every fetch connects at once: there is no ``max_clients``
   (Tornado's default of 10 would queue the eleventh user); the relay bounds
   concurrency itself with ``--max-streams``.
+* **Keep-alive, when asked for** (``keepalive`` seconds > 0). A connection whose
+  response was read to its end (HTTP/1.1, no ``Connection: close``) waits in a
+  `ConnectionPool` for the next request to the same origin, at most
+  ``keepalive`` seconds, and is dropped at once if the server closes it or
+  sends anything meanwhile. Idle plus busy connections stay within
+  ``max_connections``. If a reused connection fails before any byte of the
+  response arrives (the server closed it as the request went out), the request
+  is sent once more on a new connection: the server never answered it. A
+  request timeout or a cancel is never retried.
 
 Still driven through ``fetch(request, raise_error=False)`` with
 ``header_callback`` and ``streaming_callback``, like any `AsyncHTTPClient`.
 Deliberate limits, since the upstream is an API endpoint: no redirects, no
 response decompression (it asks for ``identity``), no proxies, no
-``Expect: 100-continue``, one connection per call (``Connection: close``).
+``Expect: 100-continue``, no pipelining (one request per connection at a time).
+Without keep-alive every request says ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import asyncio
 import ssl
 import time
 import urllib.parse
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -61,45 +72,156 @@ class CancelHandle:
             if self._reader is not None:
                 self._reader.fail(UpstreamCancelled())
 
+    def release(self) -> None:
+        """The caller needs no more of the body (it has seen the end it wanted).
+
+        The rest is read but not delivered, only so that the connection can be
+        kept for reuse; if it has not ended within `RELEASE_GRACE` seconds the
+        connection is dropped like a cancel.
+        """
+        if not self.cancelled and self._reader is not None:
+            self._reader.release()
+
 
 class StreamingHTTPClient(AsyncHTTPClient):
-    """An `AsyncHTTPClient` for long streaming responses; see the module docstring."""
+    """An `AsyncHTTPClient` for long streaming responses; see the module docstring.
 
-    def initialize(self, defaults: dict[str, Any] | None = None) -> None:
+    ``keepalive``: seconds an idle connection is kept for reuse (0: none, every
+    request says ``Connection: close``); ``max_connections`` bounds busy plus
+    idle connections (the busy ones are never refused: only idle ones are
+    dropped to stay within it).
+    """
+
+    def initialize(
+        self,
+        defaults: dict[str, Any] | None = None,
+        keepalive: float = 0.0,
+        max_connections: int = 10_000,
+    ) -> None:
         super().initialize(defaults)
         self.active: set[_ResponseReader] = set()  # requests under way
+        self.pool = ConnectionPool(keepalive, max_connections, lambda: len(self.active))
+
+    def close(self) -> None:
+        self.pool.close()
+        super().close()
 
     def fetch_impl(self, request: HTTPRequest, callback: Any) -> None:
-        # Callbacks rather than a coroutine: one task per fetch (the connect) is
-        # enough, and a new stream's CPU cost is a benchmark target.
+        # Callbacks rather than a coroutine: a task only to open a new connection,
+        # none for a reused one; a new stream's CPU cost is a benchmark target.
         handle: CancelHandle | None = getattr(request, "cancel_handle", None)
-        reader = _ResponseReader(request, asyncio.get_running_loop())
+        reader = _ResponseReader(request, asyncio.get_running_loop(), self.pool, self.active)
         if handle is not None:
             if handle.cancelled:
                 callback(reader.response(UpstreamCancelled()))
                 return
             handle._reader = reader
         self.active.add(reader)
-        connecting = asyncio.ensure_future(reader.connect())
-        connecting.add_done_callback(reader.connected)
 
         def done(future: asyncio.Future[HTTPResponse]) -> None:
-            self.active.discard(reader)
             if handle is not None:
                 handle._reader = None  # no handle -> reader -> request -> handle cycle
-            connecting.cancel()  # a cancel or timeout while connecting must not wait for it
             callback(future.result())
 
         reader.done.add_done_callback(done)
+        reader.start()
 
 
-def _request_bytes(request: Any, parsed: urllib.parse.SplitResult) -> bytes:
+class _Idle(asyncio.Protocol):
+    """An idle pooled connection: dropped if the server closes it or says anything."""
+
+    __slots__ = ("dead", "pool", "timer", "transport")
+
+    def __init__(self, pool: ConnectionPool, transport: asyncio.Transport) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.dead = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def drop(self) -> None:
+        if not self.dead:
+            self.dead = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.drop()  # nothing was asked: the connection is out of step
+
+    def eof_received(self) -> bool:
+        self.drop()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.drop()
+        self.pool.idle_count -= 1
+
+
+class ConnectionPool:
+    """Idle keep-alive connections by origin, the most recently used first.
+
+    Idle plus busy connections (``busy()`` counts the latter, the one being put
+    back included) stay within ``max_connections``: a connection put back
+    beyond that, or when ``keepalive`` is 0, is closed instead. Each idle connection closes itself after ``keepalive``
+    seconds: servers drop idle connections on their own schedule (uvicorn after
+    5 s, nginx after 75 s), NAT boxes without a word, and a request sent on a
+    silently dropped connection would wait for nothing.
+    """
+
+    def __init__(self, keepalive: float, max_connections: int, busy: Callable[[], int]) -> None:
+        self.keepalive = keepalive
+        self.max_connections = max_connections
+        self.busy = busy
+        self.idle_count = 0
+        self._idle: dict[tuple[str, str, int], list[_Idle]] = {}
+
+    def take(self, origin: tuple[str, str, int]) -> asyncio.Transport | None:
+        """An open idle connection to ``origin``, now owned by the caller, or None."""
+        stack = self._idle.get(origin)
+        while stack:
+            idle = stack.pop()
+            if not idle.dead and not idle.transport.is_closing():
+                idle.dead = True
+                idle.timer.cancel()
+                idle.timer = None
+                self.idle_count -= 1
+                return idle.transport
+        return None
+
+    def put(self, origin: tuple[str, str, int], transport: asyncio.Transport) -> bool:
+        """Keep ``transport`` for reuse; False (and closed) if there is no room for it."""
+        full = self.idle_count + self.busy() > self.max_connections
+        if self.keepalive <= 0 or full or transport.is_closing():
+            transport.close()
+            return False
+        idle = _Idle(self, transport)
+        if not transport.is_reading():
+            transport.resume_reading()
+        transport.set_protocol(idle)
+        idle.timer = asyncio.get_running_loop().call_later(self.keepalive, idle.drop)
+        stack = self._idle.setdefault(origin, [])
+        if len(stack) > 2 * self.idle_count + 16:
+            stack[:] = [i for i in stack if not i.dead]  # the dropped ones, lazily
+        stack.append(idle)
+        self.idle_count += 1
+        return True
+
+    def close(self) -> None:
+        for stack in self._idle.values():
+            for idle in stack:
+                idle.drop()
+        self._idle.clear()
+
+
+def _request_bytes(request: Any, parsed: urllib.parse.SplitResult, keep: bool) -> bytes:
     path = parsed.path or "/"
     if parsed.query:
         path += "?" + parsed.query
     headers = HTTPHeaders(request.headers)
     headers.setdefault("Host", parsed.netloc.rpartition("@")[2])
-    headers["Connection"] = "close"
+    if not keep:
+        headers["Connection"] = "close"
     headers["Accept-Encoding"] = "identity"
     body = request.body or b""
     if body or request.method in ("POST", "PUT", "PATCH"):
@@ -110,14 +232,26 @@ def _request_bytes(request: Any, parsed: urllib.parse.SplitResult) -> bytes:
     return head + body
 
 
+# Seconds a released response may take to end before its connection is dropped.
+RELEASE_GRACE = 1.0
+
+
 class _ResponseReader(asyncio.Protocol):
     """Reads one response: status line and headers, then the body in whatever blocks arrive."""
 
-    def __init__(self, request: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request: Any,
+        loop: asyncio.AbstractEventLoop,
+        pool: ConnectionPool,
+        active: set[_ResponseReader],
+    ) -> None:
         self.request = request
         self.loop = loop
+        self.pool = pool
+        self.active = active  # the client's requests under way; this one leaves at its end
         self.done: asyncio.Future[HTTPResponse] = loop.create_future()
-        self.start = time.monotonic()
+        self.start_time = time.monotonic()
         self.start_wall = time.time()
         self.transport: asyncio.Transport | None = None
         self.code = 0
@@ -126,12 +260,34 @@ class _ResponseReader(asyncio.Protocol):
         self._parser = ResponseParser()
         self._body: bytearray | None = None if request.streaming_callback else bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._reused = False  # on a pooled connection, and nothing received yet
+        self._released = False
+        self._url = urllib.parse.urlsplit(request.url)
+        self._origin = (self._url.scheme, self._url.hostname or "", self._url.port or 0)
 
     # -- connection ---------------------------------------------------------------
 
-    async def connect(self) -> None:
+    def start(self) -> None:
+        """Send the request on an idle pooled connection, or open a new one."""
         request = self.request
-        parsed = urllib.parse.urlsplit(request.url)
+        if request.request_timeout:
+            self._timer = self.loop.call_later(request.request_timeout, self._time_out)
+        transport = self.pool.take(self._origin)
+        if transport is None:
+            self._open()
+            return
+        self._reused = True
+        self.transport = transport
+        transport.set_protocol(self)
+        self._send()
+
+    def _open(self) -> None:
+        self._connecting = asyncio.ensure_future(self._connect())
+        self._connecting.add_done_callback(self._connected)
+
+    async def _connect(self) -> None:
+        parsed = self._url
         if parsed.scheme not in ("http", "https"):
             raise ValueError("unsupported URL scheme")
         host = parsed.hostname or ""
@@ -139,26 +295,28 @@ class _ResponseReader(asyncio.Protocol):
         context = None
         if parsed.scheme == "https":
             context = ssl.create_default_context()
-            if request.validate_cert is False:
+            if self.request.validate_cert is False:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        if request.request_timeout:
-            self._timer = self.loop.call_later(
-                request.request_timeout, self.fail, HTTPTimeoutError("Timeout during request")
-            )
         try:
-            async with asyncio.timeout(request.connect_timeout or None):
+            async with asyncio.timeout(self.request.connect_timeout or None):
                 await self.loop.create_connection(lambda: self, host, port, ssl=context)
         except TimeoutError:
             raise HTTPTimeoutError("Timeout while connecting") from None
-        if self.done.done():  # cancelled or timed out while connecting
-            self.transport.abort()
-            return
-        self.transport.write(_request_bytes(request, parsed))
 
-    def connected(self, attempt: asyncio.Future) -> None:
-        if not attempt.cancelled() and attempt.exception() is not None:
+    def _connected(self, attempt: asyncio.Future) -> None:
+        self._connecting = None
+        if attempt.cancelled():
+            return
+        if attempt.exception() is not None:
             self.fail(attempt.exception())
+        elif self.done.done():  # cancelled or timed out while connecting
+            self.transport.abort()
+        else:
+            self._send()
+
+    def _send(self) -> None:
+        self.transport.write(_request_bytes(self.request, self._url, self.pool.keepalive > 0))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -166,7 +324,13 @@ class _ResponseReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():
             return
-        if self._parser.until_close:
+        if self._reused:
+            # The server closed the pooled connection as the request went out:
+            # it never answered, so the request goes again on a new one.
+            self._reused = False
+            self.transport = None
+            self._open()
+        elif self._parser.until_close:
             self._finish()  # a body delimited by the end of the connection
         else:
             self._end(self.response(exc or HTTPStreamClosedError("Stream closed")))
@@ -176,6 +340,7 @@ class _ResponseReader(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done.done():
             return
+        self._reused = False  # the server answers: a failure now is not a stale connection
         parser = self._parser
         try:
             seen = parser.head is not None
@@ -203,6 +368,8 @@ class _ResponseReader(asyncio.Protocol):
         if self._body is not None:
             self._body += body
             return
+        if self._released:
+            return
         result = self.request.streaming_callback(body)
         if result is not None:
             future = result if asyncio.isfuture(result) else asyncio.ensure_future(result)
@@ -214,7 +381,20 @@ class _ResponseReader(asyncio.Protocol):
         if not self.done.done() and self.transport is not None:
             self.transport.resume_reading()
 
+    def release(self) -> None:
+        if self._released or self.done.done():
+            return
+        self._released = True
+        if self.transport is not None and not self.transport.is_reading():
+            self.transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(RELEASE_GRACE, self.fail, UpstreamCancelled())
+
     # -- the outcome ----------------------------------------------------------------
+
+    def _time_out(self) -> None:
+        self.fail(HTTPTimeoutError("Timeout during request"))
 
     def fail(self, error: BaseException) -> None:
         """End the fetch with ``error`` (a 599) and drop the connection now."""
@@ -224,14 +404,23 @@ class _ResponseReader(asyncio.Protocol):
             self.transport.abort()
 
     def _finish(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """The response is complete: keep the connection for reuse if it may be."""
+        transport, head, parser = self.transport, self._parser.head, self._parser
+        if transport is not None:
+            if head is not None and head.keep_alive and not parser.extra and parser.done:
+                self.pool.put(self._origin, transport)
+            else:
+                transport.close()
         self._end(self.response(None))
 
     def _end(self, response: HTTPResponse) -> None:
+        self.active.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None  # it holds self.fail: a cycle otherwise
+        if self._connecting is not None:
+            self._connecting.cancel()  # a cancel or timeout while connecting must not wait
+            self._connecting = None
         if not self.done.done():
             self.done.set_result(response)
 
@@ -244,6 +433,6 @@ class _ResponseReader(asyncio.Protocol):
             buffer=BytesIO(self._body) if self._body is not None else None,
             effective_url=self.request.url,
             error=error,
-            request_time=time.monotonic() - self.start,
+            request_time=time.monotonic() - self.start_time,
             start_time=self.start_wall,
         )

@@ -11,7 +11,9 @@ body of an error answer (a 401 or 429 JSON), which must never reach the parser.
   the app's tick) counts only dispatched events as activity, so an upstream
   that sends nothing but comments is still silent.
 * **Cancellation** closes the upstream socket at once, silent upstream or not
-  (`relay.httpclient.CancelHandle`).
+  (`relay.httpclient.CancelHandle`). After ``[DONE]`` the call only releases
+  the response, so that the connection can serve the next call
+  (``--upstream-keepalive``).
 * **Back-pressure:** the callback returns the session's `room` future when a
   reader lags, and the client stops reading until it resolves.
 * **A key pool.** A key answered 401/403/429 cools down and the next key is
@@ -112,7 +114,11 @@ class Upstream:
         self.url = url.rstrip("/") + "/chat/completions"
         self.metrics = metrics
         self.keys = KeyPool(settings.api_keys, settings.key_strategy)
-        self.client = StreamingHTTPClient(force_instance=True)
+        self.client = StreamingHTTPClient(
+            force_instance=True,
+            keepalive=settings.upstream_keepalive,
+            max_connections=settings.max_streams,
+        )
         self.calls: set[UpstreamCall] = set()
 
     def start(self, session: Session, robot: Robot, ask: Ask) -> UpstreamCall:
@@ -282,7 +288,7 @@ class UpstreamCall:
             return None
         if self._done:
             session.finish()
-            self._handle.cancel()
+            self._handle.release()  # the rest of the body only to keep the connection
             return None
         return session.room()
 

@@ -53,7 +53,14 @@ class CompletionsHandler(RequestHandler):
         auth = self.request.headers.get("Authorization", "")
         key = auth[7:] if auth.startswith("Bearer ") else None
         body = json.loads(self.request.body)
-        fake.requests.append({"key": key, "body": body, "headers": dict(self.request.headers)})
+        fake.requests.append(
+            {
+                "key": key,
+                "body": body,
+                "headers": dict(self.request.headers),
+                "peer": self.request.connection.context.address,  # one per upstream connection
+            }
+        )
         fake.active += 1
         fake.max_active = max(fake.max_active, fake.active)
         try:

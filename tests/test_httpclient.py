@@ -9,8 +9,9 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
+from relay import httpclient
 from relay.httpclient import CancelHandle, StreamingHTTPClient, UpstreamCancelled
-from tests.conftest import chunked
+from tests.conftest import chunked, eventually
 
 BODY = "尊敬的用户，\n\n你好 hello".encode() * 50
 
@@ -209,3 +210,230 @@ async def test_oversized_headers_fail_the_fetch():
 
     error, _, _ = await fetch(await RawServer(script).start())
     assert isinstance(error, ValueError)
+
+
+KEEPALIVE_SERVERS: list[KeepAliveServer] = []  # the pooled fixture waits for their ends
+
+
+class KeepAliveServer:
+    """Answers every request on a connection with ``answer(n)``, n counting this server's
+    requests from 0: bytes, or (bytes, True) to close after them; None drops the connection
+    without a word."""
+
+    def __init__(self, answer) -> None:
+        KEEPALIVE_SERVERS.append(self)
+        self.answer = answer
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request)
+        self.writers: list[asyncio.StreamWriter] = []
+        self.closed = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    async def _serve(self, reader, writer) -> None:
+        number = len(self.writers)
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                self.requests.append((number, head + await reader.readexactly(length)))
+                wire = self.answer(len(self.requests) - 1)
+                if wire is None:
+                    break
+                wire, close = wire if isinstance(wire, tuple) else (wire, False)
+                writer.write(wire)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed += 1
+
+    def connections(self) -> list[int]:
+        return [number for number, _ in self.requests]
+
+
+def ok_answer(n: int) -> bytes:
+    body = f"answer {n} 你好".encode()
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body, 5)
+
+
+async def fetch_on(client: StreamingHTTPClient, url: str, **kwargs):
+    received: list[bytes] = []
+    handle = kwargs.pop("cancel_handle", None)
+    request = HTTPRequest(
+        url,
+        method="POST",
+        body=b'{"q": 1}',
+        streaming_callback=kwargs.pop("streaming_callback", received.append),
+        **kwargs,
+    )
+    if handle is not None:
+        request.cancel_handle = handle
+    response = await client.fetch(request, raise_error=False)
+    return response, b"".join(received)
+
+
+@pytest.fixture
+def pooled(io_loop):
+    """Make keep-alive clients; afterwards close them and let every server connection end."""
+    clients = []
+
+    def make(**kwargs) -> StreamingHTTPClient:
+        clients.append(StreamingHTTPClient(force_instance=True, **{"keepalive": 5, **kwargs}))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+    servers = KEEPALIVE_SERVERS
+
+    async def all_ended() -> None:
+        await eventually(lambda: all(s.closed == len(s.writers) for s in servers))
+
+    io_loop.run_sync(all_ended, timeout=5)
+    servers.clear()
+
+
+@pytest.mark.gen_test
+async def test_keepalive_sends_the_next_request_on_the_same_connection(pooled):
+    server = KeepAliveServer(ok_answer)
+    url = await server.start()
+    client = pooled()
+    for n in range(3):
+        response, body = await fetch_on(client, url)
+        assert response.code == 200 and body == f"answer {n} 你好".encode()
+    assert server.connections() == [0, 0, 0]
+    assert all(b"Connection: close" not in request for _, request in server.requests)
+    assert client.pool.idle_count == 1
+    client.close()
+    await eventually(lambda: server.closed == 1)
+
+
+@pytest.mark.gen_test
+async def test_a_connection_the_server_closes_while_idle_leaves_the_pool_at_once(pooled):
+    server = KeepAliveServer(ok_answer)
+    url = await server.start()
+    client = pooled()
+    await fetch_on(client, url)
+    server.writers[0].close()
+    await eventually(lambda: client.pool.idle_count == 0)
+    _, body = await fetch_on(client, url)
+    assert body == "answer 1 你好".encode() and server.connections() == [0, 1]
+
+
+@pytest.mark.gen_test
+async def test_a_request_the_server_drops_on_a_reused_connection_goes_again_on_a_new_one(pooled):
+    # Request 1 reaches the server just as it gives up on the idle connection: no answer.
+    server = KeepAliveServer(lambda n: None if n == 1 else ok_answer(n))
+    url = await server.start()
+    client = pooled()
+    await fetch_on(client, url)
+    response, body = await fetch_on(client, url)
+    assert response.code == 200 and body == "answer 2 你好".encode()
+    assert server.connections() == [0, 0, 1]
+
+
+@pytest.mark.gen_test
+async def test_a_failure_after_the_answer_began_is_not_retried(pooled):
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+    server = KeepAliveServer(lambda n: ok_answer(n) if n == 0 else (cut, True))
+    url = await server.start()
+    client = pooled()
+    await fetch_on(client, url)
+    got: list[bytes] = []
+    with pytest.raises(HTTPStreamClosedError):
+        await fetch_on(client, url, streaming_callback=got.append)
+    assert got == [b"ab"] and server.connections() == [0, 0]
+
+
+@pytest.mark.gen_test
+async def test_idle_connections_close_after_the_keepalive_time(pooled):
+    server = KeepAliveServer(ok_answer)
+    client = pooled(keepalive=0.2)
+    await fetch_on(client, await server.start())
+    assert client.pool.idle_count == 1
+    await eventually(lambda: server.closed == 1 and client.pool.idle_count == 0)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize(
+    "head", [b"HTTP/1.1 200 OK\r\nConnection: close", b"HTTP/1.0 200 OK\r\nConnection: keep-alive"]
+)
+async def test_answers_that_end_the_connection_are_not_pooled(pooled, head):
+    server = KeepAliveServer(lambda n: head + b"\r\nContent-Length: 2\r\n\r\nok")
+    url = await server.start()
+    client = pooled()
+    for _ in range(2):
+        response, body = await fetch_on(client, url)
+        assert response.code == 200 and body == b"ok"
+    assert server.connections() == [0, 1] and client.pool.idle_count == 0
+
+
+@pytest.mark.gen_test
+async def test_idle_and_busy_connections_stay_within_max_connections(pooled):
+    server = KeepAliveServer(ok_answer)
+    url = await server.start()
+    client = pooled(max_connections=1)
+    await asyncio.gather(fetch_on(client, url), fetch_on(client, url))
+    # The first back found the other still busy: closed; the second was kept.
+    assert client.pool.idle_count == 1
+    await eventually(lambda: server.closed == 1)
+
+
+@pytest.mark.gen_test
+async def test_a_released_response_is_read_to_its_end_and_its_connection_kept(pooled):
+    first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nDONE\r\n"
+    rest = b"5\r\nextra\r\n0\r\n\r\n"
+
+    async def answer_later():
+        await asyncio.sleep(0.1)
+        server.writers[0].write(rest)
+
+    def answer(n):
+        if n == 0:
+            asyncio.ensure_future(answer_later())
+            return first
+        return ok_answer(n)
+
+    server = KeepAliveServer(answer)
+    url = await server.start()
+    client = pooled()
+    handle = CancelHandle()
+    got: list[bytes] = []
+
+    def on_chunk(chunk: bytes) -> None:
+        got.append(chunk)
+        handle.release()
+
+    response, _ = await fetch_on(client, url, cancel_handle=handle, streaming_callback=on_chunk)
+    assert response.code == 200 and got == [b"DONE"]
+    assert client.pool.idle_count == 1
+    await fetch_on(client, url)
+    assert server.connections() == [0, 0]
+
+
+@pytest.mark.gen_test
+async def test_a_released_response_that_does_not_end_is_dropped_after_a_grace(pooled, monkeypatch):
+    monkeypatch.setattr(httpclient, "RELEASE_GRACE", 0.2)
+    server = KeepAliveServer(
+        lambda n: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nDONE\r\n"
+    )
+    client = pooled()
+    handle = CancelHandle()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamCancelled):
+        await fetch_on(
+            client,
+            await server.start(),
+            cancel_handle=handle,
+            streaming_callback=lambda chunk: handle.release(),
+        )
+    assert 0.15 < asyncio.get_running_loop().time() - started < 2
+    await eventually(lambda: server.closed == 1)
+    assert client.pool.idle_count == 0

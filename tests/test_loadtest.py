@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from tornado.httpclient import HTTPRequest
 
 from relay import fakeupstream, loadtest
 from relay.fakeupstream import Answer, FakeUpstream, expected_text
+from relay.httpclient import StreamingHTTPClient
 from relay.loadtest import Histogram, LoadConfig
-from tests.conftest import fetch_stream
+from relay.sse import SSEParser
+from tests.conftest import eventually, fetch_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -102,6 +105,29 @@ async def test_fake_upstream_fast_mode_and_request_errors(make_upstream):
     not_streaming = await fetch_stream(fake.url + "/chat/completions", {**CHAT, "stream": False})
     assert not_streaming.status == 400
     assert "stream" in not_streaming.json()["error"]["message"]
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("keepalive", [5, 0])
+async def test_fake_upstream_keeps_the_connection_unless_asked_to_close(make_upstream, keepalive):
+    fake = await make_upstream(tokens=5, interval=0.001)
+    client = StreamingHTTPClient(force_instance=True, keepalive=keepalive)
+    try:
+        for _ in range(3):
+            got: list[bytes] = []
+            request = HTTPRequest(
+                fake.url + "/chat/completions",
+                method="POST",
+                body=json.dumps(CHAT),
+                streaming_callback=got.append,
+            )
+            response = await client.fetch(request)
+            assert response.code == 200
+            assert SSEParser().feed(b"".join(got))[-1].data == "[DONE]"
+        assert fake.served == 3
+        await eventually(lambda: len(fake.connections) == (1 if keepalive else 0))
+    finally:
+        client.close()
 
 
 def test_fake_upstream_listens_on_loopback_only(capsys):

@@ -235,3 +235,23 @@ async def test_http10_client_gets_an_unchunked_stream_ended_by_close(relay, fake
     assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
     assert body.startswith(b"retry: 3000\n\n")
     assert answer_text(SSEParser().feed(body)) == "你好\n"
+
+
+@pytest.mark.gen_test
+async def test_the_next_answer_reuses_the_upstream_connection(relay, fake):
+    for _ in range(3):
+        res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
+        assert res.text() == "Hello, world"
+    assert len({r["peer"] for r in fake.requests}) == 1
+    assert "Connection" not in fake.requests[0]["headers"]
+    assert relay.relay.upstream.client.pool.idle_count == 1
+
+
+@pytest.mark.gen_test
+async def test_upstream_keepalive_zero_opens_a_connection_per_answer(make_relay, fake):
+    rs = make_relay(upstream=fake.url, upstream_keepalive=0)
+    for _ in range(2):
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+        assert res.text() == "Hello, world"
+    assert len({r["peer"] for r in fake.requests}) == 2
+    assert fake.requests[0]["headers"]["Connection"] == "close"
