@@ -56,6 +56,7 @@ class Relay:
             1.0,
             settings.heartbeat,
             settings.upstream_idle_timeout,
+            settings.upstream_timeout,
             settings.send_timeout,
         )
         self._tick = PeriodicCallback(self._check, max(tick / 4, 0.02) * 1000)

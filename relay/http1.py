@@ -44,6 +44,8 @@ class ResponseParser:
     whole response is in, and ``extra`` holds any bytes that came after it.
     """
 
+    __slots__ = ("_remaining", "_rest", "_state", "done", "extra", "head")
+
     def __init__(self) -> None:
         self.head: ResponseHead | None = None
         self.done = False

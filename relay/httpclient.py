@@ -239,6 +239,27 @@ RELEASE_GRACE = 1.0
 class _ResponseReader(asyncio.Protocol):
     """Reads one response: status line and headers, then the body in whatever blocks arrive."""
 
+    __slots__ = (
+        "_body",
+        "_connecting",
+        "_origin",
+        "_parser",
+        "_released",
+        "_reused",
+        "_timer",
+        "_url",
+        "active",
+        "code",
+        "done",
+        "loop",
+        "pool",
+        "reason",
+        "request",
+        "start_time",
+        "start_wall",
+        "transport",
+    )
+
     def __init__(
         self,
         request: Any,
@@ -256,7 +277,6 @@ class _ResponseReader(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.code = 0
         self.reason = ""
-        self.headers = HTTPHeaders()
         self._parser = ResponseParser()
         self._body: bytearray | None = None if request.streaming_callback else bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -356,8 +376,6 @@ class _ResponseReader(asyncio.Protocol):
 
     def _on_head(self, head: ResponseHead) -> None:
         self.code, self.reason = head.status, head.reason
-        for line in head.lines[1:]:
-            self.headers.parse_line(line)
         header_callback = self.request.header_callback
         if header_callback is not None:
             for line in head.lines:
@@ -425,11 +443,16 @@ class _ResponseReader(asyncio.Protocol):
             self.done.set_result(response)
 
     def response(self, error: BaseException | None) -> HTTPResponse:
+        # Headers are parsed only now: a stream keeps its raw head lines, not both.
+        headers = HTTPHeaders()
+        if self._parser.head is not None:
+            for line in self._parser.head.lines[1:]:
+                headers.parse_line(line)
         return HTTPResponse(
             self.request,
             599 if error is not None else self.code,
             reason=self.reason or None,
-            headers=self.headers,
+            headers=headers,
             buffer=BytesIO(self._body) if self._body is not None else None,
             effective_url=self.request.url,
             error=error,

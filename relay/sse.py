@@ -65,6 +65,8 @@ class EventTooLarge(LineTooLong):
 class _LineDecoder:
     """Bytes in, complete lines out (9.2.5 Parsing an event stream)."""
 
+    __slots__ = ("_at_start", "_decoder", "_max_line", "_pending", "_pending_len", "_skip_lf")
+
     def __init__(self, max_line: int) -> None:
         # "Streams must be decoded using the UTF-8 decode algorithm": the
         # incremental decoder holds back a character split across chunks, and
@@ -140,6 +142,18 @@ class SSEParser:
     incomplete event is not dispatched." After `LineTooLong` the parser is in
     an unspecified state and must be discarded.
     """
+
+    __slots__ = (
+        "_data",
+        "_data_len",
+        "_event_retry",
+        "_event_type",
+        "_id_buffer",
+        "_last_event_id",
+        "_lines",
+        "_max_event",
+        "retry",
+    )
 
     def __init__(self, max_line: int = 1 << 20, max_event: int = 4 << 20) -> None:
         self._lines = _LineDecoder(max_line)

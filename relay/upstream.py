@@ -7,8 +7,9 @@ status from ``header_callback`` comes first: the callback also receives the
 body of an error answer (a 401 or 429 JSON), which must never reach the parser.
 
 * **Timeouts for long answers.** Connect and total timeouts come from the flags
-  (never Tornado's 20-second default); an idle watchdog (`Upstream.check`, on
-  the app's tick) counts only dispatched events as activity, so an upstream
+  (never Tornado's 20-second default). The total and the idle timeout are
+  checked by a watchdog (`Upstream.check`, on the app's tick) rather than a
+  timer per call; it counts only dispatched events as activity, so an upstream
   that sends nothing but comments is still silent.
 * **Cancellation** closes the upstream socket at once, silent upstream or not
   (`relay.httpclient.CancelHandle`). After ``[DONE]`` the call only releases
@@ -23,7 +24,6 @@ body of an error answer (a 401 or 429 JSON), which must never reach the parser.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -122,19 +122,21 @@ class Upstream:
         self.calls: set[UpstreamCall] = set()
 
     def start(self, session: Session, robot: Robot, ask: Ask) -> UpstreamCall:
-        """Begin streaming the answer to ``ask`` into ``session``."""
+        """Begin streaming the answer to ``ask`` into ``session``: the request goes out now."""
         payload = build_payload(robot, self.settings.model, ask)
         call = UpstreamCall(self, session, payload)
         self.calls.add(call)
         session.on_cancel = call.cancel
-        call.task = _spawn(call.run())
+        call.attempt()
         return call
 
     def check(self, now: float) -> None:
-        """Watchdog tick: let go of calls idle longer than ``--upstream-idle-timeout``."""
+        """Watchdog tick: let go of calls idle longer than ``--upstream-idle-timeout`` or
+        older than ``--upstream-timeout`` (one tick for all calls instead of a timer each)."""
         idle = self.settings.upstream_idle_timeout
+        born = now - self.settings.upstream_timeout
         for call in list(self.calls):
-            if now - call.last_activity > idle:
+            if now - call.last_activity > idle or call.started < born:
                 call.time_out()
 
     def close(self) -> None:
@@ -143,28 +145,42 @@ class Upstream:
         self.client.close()
 
 
-def _spawn(coro: Any) -> asyncio.Task:
-    task = asyncio.ensure_future(coro)
-    task.add_done_callback(_log_crash)
-    return task
-
-
-def _log_crash(task: Any) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("upstream call crashed", exc_info=task.exception())
-
-
 class UpstreamCall:
-    """One answer's upstream request, with key retries, parsing and the watchdog state."""
+    """One answer's upstream request, with key retries, parsing and the watchdog state.
+
+    Driven by callbacks, not a task: `attempt` sends the request at once (no
+    loop turn before it goes out) and `_fetched` takes the outcome, which is a
+    retry with the next key or the end of the call.
+    """
+
+    __slots__ = (
+        "_done",
+        "_error_body",
+        "_failure",
+        "_handle",
+        "_is_stream",
+        "_key",
+        "_parser",
+        "_status",
+        "_timed_out",
+        "_tried",
+        "last_activity",
+        "payload",
+        "rules",
+        "session",
+        "started",
+        "upstream",
+    )
 
     def __init__(self, upstream: Upstream, session: Session, payload: bytes) -> None:
         self.upstream = upstream
         self.session = session
         self.payload = payload
         self.rules = ChunkRules(session.owner, session.uid)
-        self.last_activity = time.monotonic()
-        self.task: Any = None
+        self.started = self.last_activity = time.monotonic()
         self._handle = CancelHandle()
+        self._tried: set[str] = set()
+        self._key: str | None = None
         self._timed_out = False
         self._failure: RelayError | None = None
         self._done = False
@@ -181,43 +197,50 @@ class UpstreamCall:
 
     # -- the call -----------------------------------------------------------
 
-    async def run(self) -> None:
+    def attempt(self) -> None:
+        """Send the request with the next key (the first call, or a retry)."""
+        key = self._key = self.upstream.keys.pick(self._tried)
+        if key is not None:
+            self._tried.add(key)
+        self._parser = SSEParser()
+        self._status = 0
+        self._is_stream = True
+        self._error_body = bytearray()
         try:
-            await self._run()
+            fetched = self.upstream.client.fetch(self._request(key), raise_error=False)
+        except Exception as e:  # noqa: BLE001 - any failure must end the session
+            self._end(detached(e))
+            return
+        fetched.add_done_callback(self._fetched)
+
+    def _fetched(self, fetched: Any) -> None:
+        try:
+            response = fetched.result()
+            # The HTTPClientError of a non-2xx response holds the response in its
+            # args: a cycle, and nothing here needs the error.
+            response.error = None
+            failure: Exception | None = None
+        except Exception as e:  # noqa: BLE001 - any failure must end the session
+            failure = detached(e)
+        pool, key = self.upstream.keys, self._key
+        if self._status:
+            self.upstream.metrics.upstream_responses.labels(str(self._status)).inc()
+        if self._status in RETRY_STATUSES and key is not None:
+            pool.cool(key)
+            if len(self._tried) < len(pool.keys) and not self._handle.cancelled:
+                self.upstream.metrics.key_retries.inc()
+                log.warning("upstream answered %d; trying the next key", self._status)
+                self._handle = CancelHandle()
+                self.attempt()
+                return
+        self._end(failure)
+
+    def _end(self, failure: Exception | None) -> None:
+        try:
+            self._finish(failure)
         finally:
             self.upstream.calls.discard(self)
             self.session.on_cancel = None  # no session <-> call cycle left for the GC
-
-    async def _run(self) -> None:
-        pool = self.upstream.keys
-        tried: set[str] = set()
-        while True:
-            key = pool.pick(tried)
-            if key is not None:
-                tried.add(key)
-            self._parser = SSEParser()
-            self._status = 0
-            self._is_stream = True
-            self._error_body = bytearray()
-            try:
-                response = await self.upstream.client.fetch(self._request(key), raise_error=False)
-                # The HTTPClientError of a non-2xx response holds the response in its
-                # args: a cycle, and nothing here needs the error.
-                response.error = None
-                failure: Exception | None = None
-            except Exception as e:  # noqa: BLE001 - any failure must end the session, not the task
-                failure = detached(e)
-            if self._status:
-                self.upstream.metrics.upstream_responses.labels(str(self._status)).inc()
-            if self._status in RETRY_STATUSES and key is not None:
-                pool.cool(key)
-                if len(tried) < len(pool.keys) and not self._handle.cancelled:
-                    self.upstream.metrics.key_retries.inc()
-                    log.warning("upstream answered %d; trying the next key", self._status)
-                    self._handle = CancelHandle()
-                    continue
-            self._finish(failure)
-            return
 
     def _request(self, key: str | None) -> HTTPRequest:
         s = self.upstream.settings
@@ -233,7 +256,7 @@ class UpstreamCall:
             headers=headers,
             body=self.payload,
             connect_timeout=s.upstream_connect_timeout,
-            request_timeout=s.upstream_timeout,
+            request_timeout=0,  # not Tornado's 20 s default: `Upstream.check` times calls out
             header_callback=self._on_header,
             streaming_callback=self._on_chunk,
             decompress_response=False,

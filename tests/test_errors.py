@@ -200,6 +200,18 @@ async def test_hang_mid_stream_is_upstream_timeout_event(make_relay, fake):
 
 
 @pytest.mark.gen_test
+async def test_an_answer_longer_than_upstream_timeout_ends_with_upstream_timeout(make_relay, fake):
+    rs = make_relay(upstream=fake.url, upstream_timeout=0.6)
+    fake.script = stream_tokens([f"{i} " for i in range(100)], delay=0.05)  # 5 s, never idle
+    started = time.monotonic()
+    res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+    assert res.status == 200 and res.text().startswith("0 1 2 ")
+    assert error_of(res)["code"] == "upstream_timeout"
+    assert 0.6 <= time.monotonic() - started < 2
+    await eventually(lambda: nothing_left(rs))
+
+
+@pytest.mark.gen_test
 async def test_bad_chunk_before_any_event_is_502(relay, fake):
     fake.script = send_frames([b"data: not json\n\n"])
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)

@@ -80,6 +80,7 @@ async def test_chunked_body_split_anywhere_arrives_exact(piece):
     assert response.code == 200
     assert body == BODY
     assert headers[0] == "HTTP/1.1 200 OK\r\n" and headers[-1] == "\r\n"
+    assert response.headers["Transfer-Encoding"] == "chunked"
     request = server.requests[0]
     assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"Connection: close\r\n" in request and request.endswith(b'{"q": 1}')
