@@ -29,6 +29,8 @@ setup(
             "ruff>=0.5",
             # Drives Debian's /usr/bin/chromium; never `playwright install`.
             "playwright>=1.40",
+            # A throwaway CA and certificate for the HTTPS upstream tests.
+            "trustme>=1.1",
         ],
     },
 )

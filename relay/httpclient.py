@@ -175,6 +175,18 @@ class ConnectionPool:
         self.busy = busy
         self.idle_count = 0
         self._idle: dict[tuple[str, str, int], list[_Idle]] = {}
+        self._tls: dict[bool, ssl.SSLContext] = {}
+
+    def tls_context(self, verify: bool) -> ssl.SSLContext:
+        """The TLS settings for new connections, made once: loading the system's CA
+        certificates takes milliseconds, too much to repeat per connection."""
+        context = self._tls.get(verify)
+        if context is None:
+            context = self._tls[verify] = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return context
 
     def take(self, origin: tuple[str, str, int]) -> asyncio.Transport | None:
         """An open idle connection to ``origin``, now owned by the caller, or None."""
@@ -314,10 +326,7 @@ class _ResponseReader(asyncio.Protocol):
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         context = None
         if parsed.scheme == "https":
-            context = ssl.create_default_context()
-            if self.request.validate_cert is False:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            context = self.pool.tls_context(self.request.validate_cert is not False)
         try:
             async with asyncio.timeout(self.request.connect_timeout or None):
                 await self.loop.create_connection(lambda: self, host, port, ssl=context)

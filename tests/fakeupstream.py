@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -80,9 +81,10 @@ class CompletionsHandler(RequestHandler):
 
 
 class FakeUpstream:
-    def __init__(self) -> None:
+    def __init__(self, ssl_options: ssl.SSLContext | None = None) -> None:
         sock, self.port = bind_unused_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if ssl_options else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/v1"
         self.requests: list[dict] = []
         self.disconnects: list[float] = []
         self.disconnected = asyncio.Event()
@@ -90,7 +92,7 @@ class FakeUpstream:
         self.max_active = 0
         self.script: Script = stream_tokens(["Hello", ",", " world"])
         app = Application([(r"/v1/chat/completions", CompletionsHandler, {"fake": self})])
-        self.server = HTTPServer(app)
+        self.server = HTTPServer(app, ssl_options=ssl_options)
         self.server.add_sockets([sock])
 
     def stop(self) -> None:
