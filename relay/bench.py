@@ -7,7 +7,8 @@ measured side by side in one run on one machine. Writes a Markdown table.
 Scenarios (see docs/benchmarks.md): a) 1,000 streams at 50 tokens/s, 200 tokens; b) 100
 streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,000 streams at
 50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
-f) short streams (one token each), for the CPU cost of a new stream.
+f) short streams (one token each), for the CPU cost of a new stream; g) 100 streams at 50
+tokens/s, for the time to first token the relay adds when it is not busy.
 
 Targets are each run in a fresh process: the fake upstream (always), then for each target in
 turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
@@ -80,6 +81,7 @@ SCENARIOS = {
             1,
             targets=("relay",),
         ),
+        Scenario("g", "time to first token added: 100 streams at 50 tokens/s", 100, 200, 20, 15, 3),
     )
 }
 
@@ -396,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m relay.bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--scenarios", default="a,b,c,d,e,f", help="comma-separated keys")
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f,g", help="comma-separated keys")
     parser.add_argument("--runs", type=int, default=3, help="runs per target; medians reported")
     parser.add_argument("--targets", default="", help="only these targets (comma-separated)")
     parser.add_argument("--json", help="write all results as JSON here")

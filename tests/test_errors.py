@@ -6,10 +6,13 @@ import asyncio
 import json
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 from tornado.iostream import IOStream
 
+from relay.app import watchdog_interval
+from relay.config import Settings
 from tests.conftest import ASK, eventually, fetch_stream, nothing_left
 from tests.fakeupstream import (
     answer_frames,
@@ -238,6 +241,19 @@ async def test_client_that_leaves_cancels_the_upstream_within_a_second(relay, fa
     await asyncio.wait_for(fake.disconnected.wait(), 1.0)
     assert fake.disconnects[0] - left < 1.0
     await eventually(lambda: nothing_left(relay))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "seconds"),
+    [
+        ({}, 1.0),  # defaults: the shortest is the 15 s heartbeat; capped at one second
+        ({"heartbeat": 0.2}, 0.05),
+        ({"send_timeout": 2.0}, 0.5),
+        ({"upstream_idle_timeout": 0.01}, 0.02),  # never more often than every 20 ms
+    ],
+)
+def test_watchdog_tick_is_a_quarter_of_the_shortest_timeout_within_20ms_and_1s(overrides, seconds):
+    assert watchdog_interval(replace(Settings(), **overrides)) == pytest.approx(seconds)
 
 
 @pytest.mark.gen_test
