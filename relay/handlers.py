@@ -14,11 +14,10 @@ import asyncio
 import hmac
 import logging
 import os
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from relay.ask import MAX_BODY, Ask, parse_ask
@@ -26,6 +25,7 @@ from relay.config import Robot
 from relay.errors import RelayError
 from relay.sessions import Session
 from relay.sse import encode_comment, encode_event, encode_retry
+from relay.writer import SLICE, EventWriter
 
 if TYPE_CHECKING:
     from relay.app import Relay
@@ -208,12 +208,13 @@ class EventStreamHandler(AskMixin):
 
     ``wake()``, called by the session as events are appended, sends them at once
     while the coroutine sleeps: the first time with the headers through
-    Tornado's ``flush()``, after that with one ``send`` on the socket and no
-    future, task step or Tornado write-path call. Whatever the socket does not
-    take goes to the IOStream, and the coroutine awaits its future
-    (back-pressure) before reading on. The coroutine itself handles the rest:
-    the end, errors, heartbeats and pacing. Tornado still owns the connection
-    (disconnects, keep-alive, ``finish``).
+    Tornado's ``flush()``, after that through the stream's `EventWriter`, with
+    one ``send`` on the socket and no future, task step or Tornado write-path
+    call. Reads from the session take at most `SLICE` bytes, and nothing more is
+    read while the writer is blocked, so a client that does not read holds one
+    slice at most; the coroutine awaits the writer's drain (back-pressure). The
+    coroutine itself handles the rest: the end, errors, heartbeats and pacing.
+    Tornado still owns the connection (disconnects, keep-alive, ``finish``).
     """
 
     def initialize(self) -> None:
@@ -222,14 +223,10 @@ class EventStreamHandler(AskMixin):
         self._committed = False
         self._ping_due = False
         self._pace = 0.0
-        self._flushing_since = 0.0
-        self._last_write = time.monotonic()
         self._session: Session | None = None
         self._after = 0  # the cursor: the sequence number of the last event sent
-        self._stream: IOStream | None = None  # set once the headers are out
-        self._socket: socket.socket | None = None  # ... unless TLS: then every byte queues
-        self._chunked = False
-        self._draining: asyncio.Future[None] | None = None  # bytes the socket did not take
+        self._writer: EventWriter | None = None  # once the headers are out
+        self._opened = time.monotonic()
         self.end_logged = False  # the "stream end" access line replaces Tornado's
 
     # -- called by the session and the watchdog ------------------------------
@@ -244,11 +241,11 @@ class EventStreamHandler(AskMixin):
 
     def check(self, now: float) -> None:
         settings = self.relay.settings
-        if self._flushing_since:
-            if now - self._flushing_since > settings.send_timeout:
-                log.info("client did not drain for %.0fs; disconnecting", settings.send_timeout)
-                self.request.connection.stream.close()
-        elif self._committed and now - self._last_write >= settings.heartbeat:
+        writer = self._writer
+        if writer is not None and writer.stalled(now, settings.send_timeout):
+            log.info("client did not drain for %.0fs; disconnecting", settings.send_timeout)
+            writer.close()
+        elif self._committed and now - self._last_write() >= settings.heartbeat:
             self._ping_due = True
             self.wake()
 
@@ -277,9 +274,9 @@ class EventStreamHandler(AskMixin):
     async def pump(self, session: Session, after: int) -> None:
         """Relay ``session`` from cursor ``after`` until it ends or the client leaves.
 
-        Everything the session has is written at once. A client that does not
-        read holds the pump on the IOStream's future, and the session makes the
-        upstream wait. Before the response is committed, a session that fails
+        What the session has is written at once, a slice at a time. A client that
+        does not read holds the pump on the writer's drain, and the session makes
+        the upstream wait. Before the response is committed, a session that fails
         with nothing relayed becomes a plain HTTP error with the error's status.
         """
         relay = self.relay
@@ -294,33 +291,33 @@ class EventStreamHandler(AskMixin):
             if self._committed:
                 # A stream attached before any event: the client gets its headers and
                 # retry now, not with the first event or heartbeat.
-                self._send(b"", 0)
+                self._send([], 0)
             while not self._closed:
-                if self._draining is not None:
-                    await self._drain()
+                if self._writer is not None and self._writer.blocked:
+                    await self._writer.drain()
                     continue
-                frames = session.read(self, self._after)
+                frames = session.read(self, self._after, SLICE)
                 if frames:
                     self._after += len(frames)
                     if pace:
                         # The typewriter effect: one event per write, spaced without blocking.
                         for frame in frames:
-                            self._send(frame, 1)
+                            self._send([frame], 1)
                             await self._drain()
                             await asyncio.sleep(pace)
                     else:
-                        self._send(b"".join(frames), len(frames))
+                        self._send(frames, len(frames))
                     continue
                 if not session.running:
                     reason = session.error.code if session.error else "done"
                     if session.error is not None and not self._committed:
                         return self.send_relay_error(session.error)
-                    self._send(session.error_frame, 0)
+                    self._send([session.error_frame], 0)
                     await self._drain()
                     break
                 if self._ping_due:
                     self._ping_due = False
-                    self._send(PING_FRAME, 0)
+                    self._send([PING_FRAME], 0)
                     continue
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
@@ -329,7 +326,7 @@ class EventStreamHandler(AskMixin):
             pass
         except RelayError as e:  # a cursor overtaken by trimming: a gap we will not hide
             reason = e.code
-            self._send(encode_error(e), 0)
+            self._send([encode_error(e)], 0)
             await self._drain()
         finally:
             session.unsubscribe(self)
@@ -352,86 +349,56 @@ class EventStreamHandler(AskMixin):
 
     def _can_push(self) -> bool:
         """Whether wake() may send for the sleeping coroutine: nothing else is due."""
-        return not (self._pace or self._closed or self._ping_due) and self._session.running
+        writer = self._writer
+        return (
+            writer is not None
+            and not (writer.blocked or self._pace or self._closed or self._ping_due)
+            and self._session.running
+        )
 
     def _push(self) -> bool:
-        """Send what the session has now; True when all of it went out."""
-        frames = self._session.read(self, self._after)
-        if not frames:
-            return False
-        self._after += len(frames)
-        try:
-            return self._send(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
-        except StreamClosedError:
-            return False
+        """Send what the session has now, a slice at a time; True when all of it went out."""
+        session = self._session
+        while frames := session.read(self, self._after, SLICE):
+            self._after += len(frames)
+            try:
+                if not self._send(frames, len(frames)):
+                    return False
+            except StreamClosedError:
+                return False
+        return True
 
-    def _send(self, data: bytes, events: int) -> bool:
-        """Send ``data`` now; True when all of it went out, else `_draining` is set.
+    def _send(self, frames: list[bytes], events: int) -> bool:
+        """Send ``frames`` now; True when all of it went out, else the writer is blocked.
 
         The first send carries the headers (committing if needed) through
-        Tornado's ``flush()``; later ones are one body chunk each, straight to
-        the socket when nothing is queued. What the socket does not take is
-        queued on the IOStream and `_draining` is its future, which the
-        coroutine awaits (timed by the send timeout); until it resolves, sends
-        queue behind it, so ``_draining is None`` means the IOStream holds
-        nothing. A socket error closes the stream, which Tornado reports as a
-        disconnect.
+        Tornado's ``flush()`` and creates the `EventWriter`; later ones are one
+        body chunk each.
         """
-        self._count(len(data), events)
-        self._last_write = time.monotonic()
-        if self._stream is None:
-            return self._open(data)
-        if not data:
-            return True  # an empty chunk would end the response
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        sent = 0
-        if self._socket is not None and self._draining is None:
-            try:
-                sent = self._socket.send(data)
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._stream.close()
-                return False
-        if sent == len(data):
-            return True
-        return self._queued(self._stream.write(memoryview(data)[sent:]))
-
-    def _open(self, data: bytes) -> bool:
-        if not self._committed:
-            self.commit()
-        self.write(data)
-        self._stream = stream = self.request.connection.stream
-        # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
-        # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
-        self._chunked = self.request.version == "HTTP/1.1"
-        self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
-        flushed = self.flush()
-        if flushed.done() and flushed.exception() is None:
-            return True
-        return self._queued(flushed)
-
-    def _queued(self, future: asyncio.Future[None]) -> bool:
-        self._draining = future
-        self._flushing_since = self._last_write
-        return False
-
-    async def _drain(self) -> None:
-        """Wait until the IOStream has sent what the socket did not take."""
-        if self._draining is None:
-            return
-        try:
-            await self._draining
-        finally:
-            self._draining = None
-            self._flushing_since = 0.0
-            self._last_write = time.monotonic()
-
-    def _count(self, size: int, events: int) -> None:
         metrics = self.relay.metrics
         metrics.events += events
-        metrics.bytes_out += size
+        metrics.bytes_out += sum(map(len, frames))
+        if self._writer is None:
+            return self._open(frames)
+        return self._writer.send(frames)
+
+    def _open(self, frames: list[bytes]) -> bool:
+        if not self._committed:
+            self.commit()
+        for frame in frames:
+            self.write(frame)
+        # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
+        # one is delimited by the close.
+        stream = self.request.connection.stream
+        self._writer = EventWriter(stream, self.request.version == "HTTP/1.1", self.flush())
+        return not self._writer.blocked
+
+    async def _drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+
+    def _last_write(self) -> float:
+        return self._opened if self._writer is None else self._writer.last_write
 
 
 def encode_error(error: RelayError) -> bytes:

@@ -195,17 +195,28 @@ class Session:
         and nothing after it was dropped."""
         return self._first_seq - 1 <= after <= self.last_seq
 
-    def read(self, sub: Subscriber, after: int) -> list[bytes]:
-        """Frames numbered after ``after``; raises `RelayError` if they were dropped."""
+    def read(self, sub: Subscriber, after: int, limit: int = 1 << 62) -> list[bytes]:
+        """Frames numbered after ``after``, as many as fit in ``limit`` bytes (at least one).
+
+        This moves ``sub``'s place: the frames returned count as taken (a
+        one-shot session drops them), which may release the upstream's
+        back-pressure. Raises `RelayError` if frames after ``after`` were dropped.
+        """
         if not self.check_cursor(after):
             raise RelayError(409, "bad_last_event_id", "events after that id are no longer kept")
         if not self.replayable:
             while self._first_seq <= after:
                 self._kept_bytes -= len(self._frames.popleft())
                 self._first_seq += 1
-        frames = self.frames_after(after)
-        if frames or sub in self._subscribers:
-            self._subscribers[sub] = self.total_bytes
+        frames: list[bytes] = []
+        taken = 0
+        for frame in islice(self._frames, max(0, after - self._first_seq + 1), None):
+            if frames and taken + len(frame) > limit:
+                break
+            frames.append(frame)
+            taken += len(frame)
+        if taken and sub in self._subscribers:
+            self._subscribers[sub] += taken
             if self._room is not None and self.lag() <= self.limits.high_water // 2:
                 self._release_room()
         return frames

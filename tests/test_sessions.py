@@ -218,6 +218,21 @@ def test_one_shot_session_drops_what_its_reader_took():
 
 
 @pytest.mark.gen_test
+async def test_reads_take_a_bounded_slice_and_the_reader_place_moves_by_what_it_took():
+    s = Session("u" * 32, "alice", "1", replayable=True, limits=SessionLimits(high_water=100))
+    r = Reader()
+    s.subscribe(r, 0)
+    for i in range(10):
+        s.append(f"{i}" * 20)  # frames of 34 or 35 bytes
+    room = s.room()
+    assert room is not None
+    first = s.read(r, 0, limit=70)
+    assert len(first) == 2 and s.lag() == s.total_bytes - 68 and not room.done()
+    assert len(s.read(r, 2, limit=1)) == 1  # at least one frame, whatever the limit
+    assert len(s.read(r, 3, limit=1 << 20)) == 7 and s.lag() == 0 and room.done()
+
+
+@pytest.mark.gen_test
 async def test_slow_reader_makes_the_upstream_wait():
     s = Session("u" * 32, "alice", "1", replayable=False, limits=SessionLimits(high_water=100))
     r = Reader()

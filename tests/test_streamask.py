@@ -217,7 +217,9 @@ async def test_slow_reader_gets_every_frame_in_order_across_socket_full_and_drai
     fake.script = stream_tokens(tokens)
     stream = await raw_exchange(relay, post("HTTP/1.1"), rcvbuf=4096)
     # Read nothing until the socket is full and the relay has bytes queued.
-    await eventually(lambda: any(s._draining for s in relay.relay.streams), timeout=10)
+    await eventually(
+        lambda: any(s._writer and s._writer.blocked for s in relay.relay.streams), timeout=10
+    )
     response, parser, events = ResponseParser(), SSEParser(), []
     while not response.done:
         events += parser.feed(response.feed(await stream.read_bytes(65536, partial=True)))
