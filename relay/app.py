@@ -11,6 +11,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.web import Application, RequestHandler
 
 from relay import demo, handlers
+from relay.admission import Admission
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.limits import RateLimiter
@@ -47,10 +48,16 @@ class Relay:
         self.upstream = Upstream(settings, upstream_url, self.metrics)
         self.streams: set[Watched] = set()
         self.rate = RateLimiter(settings.rate_limit)
+        ledger = self.store.ledger
+        self.admission = Admission(settings, ledger, self.rate, self.metrics)
         self.metrics.bind(
             streams=lambda: len(self.streams),
             sessions=lambda: len(self.store),
             cooling=self.upstream.keys.cooling,
+            slots=lambda: ledger.slots,
+            answers=lambda: len(self.upstream.calls),
+            kept_bytes=lambda: ledger.kept_bytes,
+            evicted=lambda: self.store.evicted,
         )
         self._tick = PeriodicCallback(self._check, watchdog_interval(settings) * 1000)
         self._prune = PeriodicCallback(self.prune, settings.prune_interval * 1000)
@@ -69,6 +76,10 @@ class Relay:
     def _check(self) -> None:
         now = time.monotonic()
         self.upstream.check(now)
+        late = self.store.cancel_unattached(now, self.settings.attach_grace)
+        if late:
+            self.metrics.not_attached.inc(late)
+            log.info("cancelled %d answers no client attached to", late)
         for stream in list(self.streams):
             stream.check(now)
 
@@ -96,11 +107,12 @@ class RelayApplication(Application):
 
 def make_store(settings: Settings) -> MemoryStore | RedisStore:
     """The session store ``--store`` names: in memory (default) or Redis."""
+    kept = settings.max_kept_mib << 20
     if settings.store.startswith("redis://"):
         from relay.redis_store import RedisStore  # redis is only imported when used
 
-        return RedisStore(settings.store, settings.session_ttl)
-    return MemoryStore(settings.session_ttl)
+        return RedisStore(settings.store, settings.session_ttl, max_kept_bytes=kept)
+    return MemoryStore(settings.session_ttl, max_kept_bytes=kept)
 
 
 def make_app(settings: Settings, self_url: str) -> Application:
@@ -146,6 +158,7 @@ def watchdog_interval(settings: Settings) -> float:
     """
     shortest = min(
         settings.heartbeat,
+        settings.attach_grace,
         settings.upstream_idle_timeout,
         settings.upstream_timeout,
         settings.send_timeout,

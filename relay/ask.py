@@ -52,7 +52,16 @@ def parse_ask(body: bytes) -> Ask:
         raise _bad("bad_request", "aiQuestion must not be empty")
     if len(question) > MAX_QUESTION:
         raise _bad("bad_request", f"aiQuestion is longer than {MAX_QUESTION} characters")
+    _unicode(question, "aiQuestion")
     return Ask(robot_id, question, _history(doc.get("aiQuestionHistory")))
+
+
+def _unicode(text: str, field: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no UTF-8 request can carry."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise _bad("bad_request", f"{field} holds a lone surrogate (invalid Unicode)") from None
 
 
 def _history(raw: Any) -> tuple[tuple[str, str], ...]:
@@ -74,5 +83,7 @@ def _history(raw: Any) -> tuple[tuple[str, str], ...]:
                 "bad_request",
                 "aiQuestionHistory items must be [question, answer] strings",
             )
+        _unicode(pair[0], "aiQuestionHistory")
+        _unicode(pair[1], "aiQuestionHistory")
         pairs.append((pair[0], pair[1]))
     return tuple(pairs)

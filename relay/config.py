@@ -64,6 +64,10 @@ class Settings:
     upstream_timeout: float = 600.0
     upstream_keepalive: float = 15.0
     max_streams: int = 10000
+    max_answers_per_user: int = 8
+    max_answers_per_address: int = 0
+    attach_grace: float = 30.0
+    max_kept_mib: int = 512
     rate_limit: int = 0
     send_timeout: float = 30.0
     auth_tokens: Mapping[str, str] = field(default_factory=dict)
@@ -139,7 +143,36 @@ def _define(parser: OptionParser) -> None:
         type=float,
         help="seconds an idle upstream connection is kept for reuse (0: none)",
     )
-    d("max_streams", default=10000, type=int, help="concurrent client streams")
+    d(
+        "max_streams",
+        default=10000,
+        type=int,
+        help="concurrent client streams plus upstream calls with no stream",
+    )
+    d(
+        "max_answers_per_user",
+        default=8,
+        type=int,
+        help="running answers per --auth-tokens user (0: no cap)",
+    )
+    d(
+        "max_answers_per_address",
+        default=0,
+        type=int,
+        help="running answers per anonymous client address (0: no cap)",
+    )
+    d(
+        "attach_grace",
+        default=30.0,
+        type=float,
+        help="seconds a session may run before a reader attaches",
+    )
+    d(
+        "max_kept_mib",
+        default=512,
+        type=int,
+        help="MiB of events all sessions keep; past it the oldest finished go",
+    )
     d(
         "rate_limit",
         default=0,
@@ -264,11 +297,20 @@ def _validate(s: Settings) -> None:
         "upstream_timeout",
         "send_timeout",
         "max_streams",
+        "attach_grace",
+        "max_kept_mib",
     )
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    for name in ("pace_ms", "rate_limit", "workers", "upstream_keepalive"):
+    for name in (
+        "pace_ms",
+        "rate_limit",
+        "workers",
+        "upstream_keepalive",
+        "max_answers_per_user",
+        "max_answers_per_address",
+    ):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
     if s.store != "memory" and not s.store.startswith("redis://"):
@@ -312,6 +354,10 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         upstream_timeout=o["upstream_timeout"],
         upstream_keepalive=o["upstream_keepalive"],
         max_streams=o["max_streams"],
+        max_answers_per_user=o["max_answers_per_user"],
+        max_answers_per_address=o["max_answers_per_address"],
+        attach_grace=o["attach_grace"],
+        max_kept_mib=o["max_kept_mib"],
         rate_limit=o["rate_limit"],
         send_timeout=o["send_timeout"],
         auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),

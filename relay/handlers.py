@@ -14,17 +14,20 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
-from relay.ask import MAX_BODY, Ask, parse_ask
+from relay.admission import Refused
+from relay.ask import MAX_BODY, parse_ask
 from relay.config import Robot
 from relay.errors import RelayError
 from relay.sessions import Session
 from relay.sse import encode_comment, encode_event, encode_retry
+from relay.upstream import build_payload
 from relay.writer import SLICE, EventWriter
 
 if TYPE_CHECKING:
@@ -182,25 +185,37 @@ class AskMixin(BaseHandler):
         else:
             self._body += chunk
 
-    def read_ask(self) -> tuple[Ask, Robot]:
+    def read_ask(self) -> tuple[Robot, bytes]:
+        """The validated question's robot and upstream request body; raises `RelayError`."""
         if self._too_large:
             raise _too_large()
         ask = parse_ask(bytes(self._body))
         robot = self.relay.settings.robot(ask.robot_id)
         if robot is None:
             raise RelayError(400, "unknown_robot", "robotId names no configured robot")
-        return ask, robot
+        return robot, build_payload(robot, self.relay.settings.model, ask)
 
-    def check_capacity(self) -> None:
-        if len(self.relay.streams) >= self.relay.settings.max_streams:
-            raise RelayError(503, "at_capacity", "the relay is at capacity; retry shortly")
+    async def start_answer(self, replayable: bool) -> Session | None:
+        """Validate, admit, create and start an answer: its session, with the upstream
+        request sent. None when there is none: the error was sent, or the client is gone.
 
-    def check_rate(self, user: str) -> None:
-        """``--rate-limit``: new streams per minute per client (its user, else its IP)."""
-        client = user if self.relay.settings.auth_tokens else self.request.remote_ip or "?"
-        wait = self.relay.rate.allow(client)
-        if wait:
-            raise RateLimited(wait)
+        Nothing is created before every check has passed, and once a session
+        exists its upstream call owns its end.
+        """
+        relay = self.relay
+        try:
+            user = self.user_id()
+            robot, payload = self.read_ask()
+            if peer_closed(self.request.connection.stream):
+                # A pipelined request of a client that already left: no paid call for nobody.
+                return None
+            quota = relay.admission.answer(user, self.request.remote_ip or "?")
+            session = await relay.store.create(user, robot.robot_id, replayable, quota)
+        except RelayError as e:
+            self.send_relay_error(e, retry_after=_retry_after(e))
+            return None
+        relay.upstream.start(session, payload)
+        return session
 
 
 class EventStreamHandler(AskMixin):
@@ -409,20 +424,13 @@ class StreamAskHandler(EventStreamHandler):
     """``POST /aianswer/streamAsk``: a one-shot session with this request as its reader."""
 
     async def post(self) -> None:
-        relay = self.relay
+        session = await self.start_answer(replayable=False)
+        if session is None:
+            return
         try:
-            user = self.user_id()
-            ask, robot = self.read_ask()
-            self.check_capacity()
-            self.check_rate(user)
-        except RelayError as e:
-            return self.send_relay_error(e, retry_after=_retry_after(e))
-        session = await relay.store.create(user, robot.robot_id, replayable=False)
-        try:
-            relay.upstream.start(session, robot, ask)
             await self.pump(session, 0)
         finally:
-            await relay.store.remove(session.uid)
+            await self.relay.store.remove(session.uid)
 
     def client_gone(self, session: Session) -> None:
         session.cancel()
@@ -432,15 +440,9 @@ class SessionsHandler(AskMixin):
     """``POST /aianswer/sessions``: start an answer, return its uid and stream URL."""
 
     async def post(self) -> None:
-        relay = self.relay
-        try:
-            user = self.user_id()
-            ask, robot = self.read_ask()
-            self.check_rate(user)
-            session = await relay.store.create(user, robot.robot_id, replayable=True)
-        except RelayError as e:
-            return self.send_relay_error(e, retry_after=_retry_after(e))
-        relay.upstream.start(session, robot, ask)
+        session = await self.start_answer(replayable=True)
+        if session is None:
+            return
         self.set_status(201)
         self.write({"uid": session.uid, "streamUrl": f"/aianswer/stream/{session.uid}"})
 
@@ -474,7 +476,7 @@ class SessionStreamHandler(EventStreamHandler):
             session = await relay.store.get(uid)
             if session is None or not session.replayable or not self._may_read(session):
                 raise RelayError(404, "not_found", "no such session")
-            self.check_capacity()
+            relay.admission.reader(session)
         except RelayError as e:
             return self.send_relay_error(e, retry_after=_retry_after(e))
         raw = self.request.headers.get("Last-Event-ID")
@@ -498,6 +500,26 @@ class SessionStreamHandler(EventStreamHandler):
         return self.user_id(required=False) == session.owner
 
 
+def peer_closed(stream: IOStream) -> bool:
+    """Whether the client has closed its side, even with requests of it still buffered.
+
+    Tornado notices a close only when nothing is buffered, so a pipelined
+    request whose sender has gone would still be served: the socket is asked.
+    A client that half-closes after its request counts as gone (nginx treats
+    it so too).
+    """
+    if stream.closed():
+        return True
+    if isinstance(stream, SSLIOStream):
+        return False  # TLS sockets cannot peek; Tornado reports the close later
+    try:
+        return stream.socket.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _cursor(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return 0
@@ -509,13 +531,7 @@ def _too_large() -> RelayError:
     return RelayError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
 
 
-class RateLimited(RelayError):
-    def __init__(self, wait: int) -> None:
-        super().__init__(429, "rate_limited", "too many new streams; retry later")
-        self.wait = wait
-
-
 def _retry_after(error: RelayError) -> int | None:
-    if isinstance(error, RateLimited):
-        return error.wait
+    if isinstance(error, Refused):
+        return error.retry_after
     return 1 if error.status == 503 else None

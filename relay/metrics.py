@@ -23,12 +23,30 @@ class Metrics:
     def __init__(self) -> None:
         self.events = 0  # events written to clients
         self.bytes_out = 0  # event-stream bytes written to clients
+        self.evicted: Callable[[], float] = lambda: 0
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(_HotCounters(self))
         self.active_streams = Gauge("relay_active_streams", "Open client streams", registry=r)
         self.active_sessions = Gauge("relay_active_sessions", "Sessions in the store", registry=r)
         self.cooling_keys = Gauge("relay_cooling_keys", "Upstream keys cooling down", registry=r)
+        self.slots = Gauge(
+            "relay_slots_in_use",
+            "Of --max-streams: client streams plus upstream calls with no stream",
+            registry=r,
+        )
+        self.answers = Gauge("relay_running_answers", "Upstream calls running", registry=r)
+        self.kept_bytes = Gauge(
+            "relay_kept_bytes", "Event bytes kept by all sessions in memory", registry=r
+        )
+        self.refused = Counter(
+            "relay_refused", "Requests refused by admission, by code", ["code"], registry=r
+        )
+        self.not_attached = Counter(
+            "relay_sessions_not_attached",
+            "Answers cancelled because no client attached within --attach-grace",
+            registry=r,
+        )
         self.streams = Counter(
             "relay_streams_ended", "Client streams by how they ended", ["reason"], registry=r
         )
@@ -59,10 +77,18 @@ class Metrics:
         streams: Callable[[], float],
         sessions: Callable[[], float],
         cooling: Callable[[], float],
+        slots: Callable[[], float],
+        answers: Callable[[], float],
+        kept_bytes: Callable[[], float],
+        evicted: Callable[[], float],
     ) -> None:
         self.active_streams.set_function(streams)
         self.active_sessions.set_function(sessions)
         self.cooling_keys.set_function(cooling)
+        self.slots.set_function(slots)
+        self.answers.set_function(answers)
+        self.kept_bytes.set_function(kept_bytes)
+        self.evicted = evicted
 
     def stream_ended(self, reason: str, duration: float) -> None:
         self.streams.labels(reason).inc()
@@ -80,3 +106,8 @@ class _HotCounters(Collector):
         m = self.metrics
         yield CounterMetricFamily("relay_events_relayed", "Events written to clients", m.events)
         yield CounterMetricFamily("relay_bytes_out", "Event bytes written to clients", m.bytes_out)
+        yield CounterMetricFamily(
+            "relay_sessions_evicted",
+            "Finished sessions dropped to stay under --max-kept-mib",
+            m.evicted(),
+        )

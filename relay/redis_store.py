@@ -39,7 +39,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from relay.errors import RelayError
-from relay.sessions import DONE, FAILED, RUNNING, MemoryStore, Session, SessionLimits
+from relay.sessions import (
+    DONE,
+    FAILED,
+    RUNNING,
+    MemoryStore,
+    Session,
+    SessionLimits,
+    not_attached,
+)
 
 log = logging.getLogger("relay.redis")
 
@@ -73,10 +81,17 @@ def unavailable() -> RelayError:
 class RedisStore:
     """The session store on Redis, with this process's running sessions in memory."""
 
-    def __init__(self, url: str, ttl: float, limits: SessionLimits | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        ttl: float,
+        limits: SessionLimits | None = None,
+        max_kept_bytes: int = 1 << 62,
+    ) -> None:
         self.ttl = ttl
         self.limits = limits or SessionLimits()
-        self.local = MemoryStore(ttl, self.limits)
+        self.local = MemoryStore(ttl, self.limits, max_kept_bytes)
+        self.ledger = self.local.ledger
         self.redis = aioredis.from_url(
             url,
             socket_timeout=STORE_TIMEOUT,
@@ -108,8 +123,14 @@ class RedisStore:
         """Redis expires its keys itself; this only drops expired local sessions."""
         return self.local.prune()
 
-    async def create(self, owner: str, robot_id: str, replayable: bool) -> Session:
-        session = await self.local.create(owner, robot_id, replayable)
+    @property
+    def evicted(self) -> int:
+        return self.local.evicted
+
+    async def create(
+        self, owner: str, robot_id: str, replayable: bool, quota_key: str | None = None
+    ) -> Session:
+        session = await self.local.create(owner, robot_id, replayable, quota_key)
         if not replayable:
             return session  # one-shot: memory only, so it survives Redis trouble
         writer = RedisWriter(self, session)
@@ -140,6 +161,36 @@ class RedisStore:
         pipe.expire(_events_key(uid), _DELETED_LINGER)
         pipe.publish(CANCEL_CHANNEL, uid)
         await self._call(pipe.execute())
+
+    def cancel_unattached(self, now: float, grace: float) -> int:
+        """Cancel this process's sessions that no reader attached to within ``grace``,
+        here or on another process (which records its attach in the session's hash)."""
+        late = self.local.unattached(now, grace)
+        if late:
+            self._spawn(self._cancel_unless_attached(late, grace))
+        return len(late)
+
+    def record_attach(self, uid: str) -> None:
+        """Tell the process running the answer that a reader attached here."""
+        self._spawn(self._record_attach(uid))
+
+    async def _record_attach(self, uid: str) -> None:
+        try:
+            await self._call(self.redis.hset(_meta_key(uid), "attached", 1))
+        except RelayError:
+            log.warning("could not record an attach in the store")
+
+    async def _cancel_unless_attached(self, late: list[Session], grace: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for session in late:
+            pipe.hget(_meta_key(session.uid), "attached")
+        try:
+            attached = await self._call(pipe.execute())
+        except RelayError:
+            return  # unknown: let them run rather than cancel an answer someone reads
+        for session, mark in zip(late, attached, strict=True):
+            if not mark:
+                session.cancel(not_attached(grace))
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -294,6 +345,8 @@ class MirrorSession(Session):
             meta.get(b"robot", b"").decode(),
             replayable=True,
             limits=store.limits,
+            ledger=store.ledger,
+            runs_call=False,
         )
         mirror.store = store
         mirror.last_seq = int(meta.get(b"last_seq", 0))
@@ -307,17 +360,19 @@ class MirrorSession(Session):
         return mirror
 
     def subscribe(self, sub: Any, after: int) -> None:
+        self._keep(-self._kept_bytes)
         self._frames.clear()
-        self._kept_bytes = 0
         self._first_seq = after + 1
         self.last_seq = after
         self.state = RUNNING
         self.error = None
         super().subscribe(sub, after)
         self._task = self.store._spawn(self._follow(after))
+        self.store.record_attach(self.uid)
 
     def unsubscribe(self, sub: Any) -> None:
         super().unsubscribe(sub)
+        self.release()  # a mirror serves one reader
         if self._task is not None:
             self._task.cancel()
 

@@ -11,6 +11,10 @@ Bounds: a replayable session keeps at most ``max_events`` events and
 ``bad_last_event_id``, never a silent gap). When a reader lags more than
 ``high_water`` bytes, `Session.room` gives the upstream reader a future to
 await, so a slow client slows its own upstream read instead of growing a buffer.
+
+Across sessions, a store's `Ledger` adds up what they hold: admission slots
+(`relay.admission`), running answers per client, and kept bytes, which past
+their bound make the store evict its oldest finished sessions.
 """
 
 from __future__ import annotations
@@ -41,6 +45,33 @@ class SessionLimits:
     high_water: int = 256 << 10
 
 
+class Ledger:
+    """What the sessions of one store hold together: slots, running answers, kept bytes.
+
+    ``slots`` is the relay's unit of capacity (``--max-streams``): a session
+    counts one per reader, and one while its upstream call runs here with no
+    reader (a paid call nobody reads still costs). ``answers`` counts running
+    upstream calls per quota key (a user, or a client address). ``kept_bytes``
+    is what the sessions keep in memory; past ``max_kept_bytes`` the store's
+    ``evict`` drops the oldest of ``finished`` (replayable sessions, in the
+    order they ended). Sessions keep these numbers; nothing here is per event.
+    """
+
+    __slots__ = ("answers", "evict", "finished", "kept_bytes", "max_kept_bytes", "slots")
+
+    def __init__(self, max_kept_bytes: int = 1 << 62) -> None:
+        self.slots = 0
+        self.answers: dict[str, int] = {}
+        self.kept_bytes = 0
+        self.max_kept_bytes = max_kept_bytes
+        self.finished: dict[str, Session] = {}
+        self.evict: Callable[[], None] | None = None
+
+    def running(self, quota_key: str) -> int:
+        """Running answers of ``quota_key``."""
+        return self.answers.get(quota_key, 0)
+
+
 class Subscriber(Protocol):
     """An open client stream; the session calls `wake` when there is news."""
 
@@ -61,7 +92,11 @@ class Session:
         robot_id: str,
         replayable: bool,
         limits: SessionLimits,
+        ledger: Ledger | None = None,
+        quota_key: str | None = None,
+        runs_call: bool = True,
     ) -> None:
+        """``runs_call``: this process runs the session's upstream call (not a mirror)."""
         self.uid = uid
         self.owner = owner
         self.robot_id = robot_id
@@ -83,6 +118,15 @@ class Session:
         # Told of every append and of the end, without counting as readers for
         # back-pressure (the Redis writer is one).
         self.observers: list[Callable[[], None]] = []
+        self.attached = False  # whether a reader ever subscribed
+        self.runs_call = runs_call
+        self.quota_key = quota_key
+        self._ledger = ledger or Ledger()
+        self._in_ledger = True  # kept bytes counted (until the store lets it go)
+        self._slots = 0
+        if quota_key is not None:
+            self._ledger.answers[quota_key] = self._ledger.running(quota_key) + 1
+        self._reweigh()
 
     # -- the upstream side -------------------------------------------------
 
@@ -108,11 +152,14 @@ class Session:
         size = sum(map(len, frames))
         self.last_seq += len(frames)
         self._frames.extend(frames)
-        self._kept_bytes += size
+        self._keep(size)
         self.total_bytes += size
         self.last_activity = time.monotonic()
         if self.replayable:
             self._trim()
+        ledger = self._ledger
+        if ledger.kept_bytes > ledger.max_kept_bytes and ledger.evict is not None:
+            ledger.evict()
         self._wake_all()
 
     def finish(self) -> None:
@@ -156,11 +203,46 @@ class Session:
         while self._frames and (
             len(self._frames) > limits.max_events or self._kept_bytes > limits.max_bytes
         ):
-            self._kept_bytes -= len(self._frames.popleft())
+            self._keep(-len(self._frames.popleft()))
             self._first_seq += 1
+
+    def _keep(self, size: int) -> None:
+        self._kept_bytes += size
+        if self._in_ledger:
+            self._ledger.kept_bytes += size
+
+    def release(self) -> None:
+        """The store lets the session go: its kept bytes no longer count against the store."""
+        if self._in_ledger:
+            self._ledger.kept_bytes -= self._kept_bytes
+            self._ledger.finished.pop(self.uid, None)
+            self._in_ledger = False
+
+    def _reweigh(self) -> None:
+        """Bring the ledger's slot count up to date after a reader or the state changed."""
+        slots = len(self._subscribers)
+        if not slots and self.runs_call and self.state == RUNNING:
+            slots = 1
+        self._ledger.slots += slots - self._slots
+        self._slots = slots
+
+    def reader_needs_slot(self) -> bool:
+        """Whether one more reader adds a slot (the first reader of an answer running
+        here takes over the slot its call holds)."""
+        return bool(self._subscribers) or not (self.runs_call and self.state == RUNNING)
 
     def _end(self) -> None:
         self.last_activity = time.monotonic()
+        ledger = self._ledger
+        if self.quota_key is not None:
+            left = ledger.running(self.quota_key) - 1
+            if left > 0:
+                ledger.answers[self.quota_key] = left
+            else:
+                ledger.answers.pop(self.quota_key, None)
+        if self.replayable and self.runs_call and self._in_ledger:
+            ledger.finished[self.uid] = self
+        self._reweigh()
         self._release_room()
         self._wake_all()
 
@@ -180,9 +262,12 @@ class Session:
         """Attach a reader whose cursor is ``after`` (validated with `check_cursor`)."""
         self._subscribers[sub] = self.total_bytes - self._bytes_after(after)
         self.last_activity = time.monotonic()
+        self.attached = True
+        self._reweigh()
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.pop(sub, None)
+        self._reweigh()
         self._release_room()
 
     @property
@@ -206,7 +291,7 @@ class Session:
             raise RelayError(409, "bad_last_event_id", "events after that id are no longer kept")
         if not self.replayable:
             while self._first_seq <= after:
-                self._kept_bytes -= len(self._frames.popleft())
+                self._keep(-len(self._frames.popleft()))
                 self._first_seq += 1
         frames: list[bytes] = []
         taken = 0
@@ -246,13 +331,22 @@ class MemoryStore:
 
     A session lives ``ttl`` seconds after its last activity; `prune` (run by a
     PeriodicCallback every ``--prune-interval``) removes the expired ones and
-    cancels any that still ran.
+    cancels any that still ran. When the kept bytes of all sessions pass
+    ``max_kept_bytes``, the oldest finished sessions are dropped at once (never a
+    running one). `cancel_unattached` cancels replayable sessions that no reader
+    attached to within the grace period.
     """
 
-    def __init__(self, ttl: float, limits: SessionLimits | None = None) -> None:
+    def __init__(
+        self, ttl: float, limits: SessionLimits | None = None, max_kept_bytes: int = 1 << 62
+    ) -> None:
         self.ttl = ttl
         self.limits = limits or SessionLimits()
+        self.ledger = Ledger(max_kept_bytes)
+        self.ledger.evict = self._evict
+        self.evicted = 0  # finished sessions dropped to stay under max_kept_bytes
         self._sessions: dict[str, Session] = {}
+        self._unattached: dict[str, Session] = {}  # replayable sessions, oldest first
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -260,9 +354,15 @@ class MemoryStore:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    async def create(self, owner: str, robot_id: str, replayable: bool) -> Session:
-        session = Session(new_uid(), owner, robot_id, replayable, self.limits)
+    async def create(
+        self, owner: str, robot_id: str, replayable: bool, quota_key: str | None = None
+    ) -> Session:
+        session = Session(
+            new_uid(), owner, robot_id, replayable, self.limits, self.ledger, quota_key
+        )
         self._sessions[session.uid] = session
+        if replayable:
+            self._unattached[session.uid] = session
         return session
 
     def start(self) -> None:
@@ -295,9 +395,44 @@ class MemoryStore:
             self._drop(session)
         return len(expired)
 
+    def unattached(self, now: float, grace: float) -> list[Session]:
+        """Running sessions created over ``grace`` seconds ago that no reader attached to."""
+        late = []
+        for session in self._unattached.values():
+            if session.created + grace > now:
+                break
+            late.append(session)
+        for session in late:
+            del self._unattached[session.uid]
+        return [s for s in late if s.running and not s.attached]
+
+    def cancel_unattached(self, now: float, grace: float) -> int:
+        """Cancel the `unattached` sessions; return how many."""
+        late = self.unattached(now, grace)
+        for session in late:
+            session.cancel(not_attached(grace))
+        return len(late)
+
+    def _evict(self) -> None:
+        finished = self.ledger.finished
+        while finished and self.ledger.kept_bytes > self.ledger.max_kept_bytes:
+            session = next(iter(finished.values()))
+            session.release()
+            if self._sessions.get(session.uid) is session:
+                self._drop(session)
+                self.evicted += 1
+
     def _expired(self, session: Session, now: float) -> bool:
         return now - session.last_activity > self.ttl
 
     def _drop(self, session: Session) -> None:
         del self._sessions[session.uid]
+        self._unattached.pop(session.uid, None)
+        session.release()
         session.cancel(RelayError(410, "expired", "the session expired"))
+
+
+def not_attached(grace: float) -> RelayError:
+    return RelayError(
+        408, "not_attached", f"no client attached to the answer within {grace:g} seconds"
+    )

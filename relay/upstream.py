@@ -121,9 +121,9 @@ class Upstream:
         )
         self.calls: set[UpstreamCall] = set()
 
-    def start(self, session: Session, robot: Robot, ask: Ask) -> UpstreamCall:
-        """Begin streaming the answer to ``ask`` into ``session``: the request goes out now."""
-        payload = build_payload(robot, self.settings.model, ask)
+    def start(self, session: Session, payload: bytes) -> UpstreamCall:
+        """Begin streaming the answer into ``session``: the request (``payload``, from
+        `build_payload`) goes out now, and the call owns the session's end."""
         call = UpstreamCall(self, session, payload)
         self.calls.add(call)
         session.on_cancel = call.cancel

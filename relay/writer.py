@@ -57,10 +57,10 @@ class EventWriter:
         closes the stream, which Tornado reports to the handler as a disconnect.
         """
         self.last_write = time.monotonic()
-        if not frames:
+        size = sum(map(len, frames))
+        if not size:
             return True  # an empty chunk would end the response
         if self._chunked:
-            size = sum(map(len, frames))
             data = b"".join([b"%x\r\n" % size, *frames, b"\r\n"])
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)

@@ -257,3 +257,18 @@ async def test_upstream_keepalive_zero_opens_a_connection_per_answer(make_relay,
         assert res.text() == "Hello, world"
     assert len({r["peer"] for r in fake.requests}) == 2
     assert fake.requests[0]["headers"]["Connection"] == "close"
+
+
+@pytest.mark.gen_test
+async def test_a_finished_stream_sends_one_terminating_chunk_and_the_connection_stays_usable(
+    relay, fake
+):
+    # Regression: an empty end frame once went out as a chunk of its own, "0\r\n\r\n",
+    # before Tornado's: clients saw the end early and 5 stray bytes broke keep-alive.
+    stream = await raw_exchange(relay, post("HTTP/1.1"))
+    await stream.read_until(b"data: [DONE]\n")
+    # The event's end, its chunk's end, the last chunk; then the next answer's head.
+    assert await stream.read_until(b"0\r\n\r\n") == b"\n\r\n0\r\n\r\n"
+    await stream.write(post("HTTP/1.1"))
+    assert (await stream.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    stream.close()

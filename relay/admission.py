@@ -1,0 +1,79 @@
+"""Admission: one decision, before anything is created, for every request that costs.
+
+A new answer (``POST /aianswer/streamAsk`` or ``POST /aianswer/sessions``)
+starts a paid upstream call; a reader (``GET /aianswer/stream/<uid>``) holds a
+connection. Both pass here, in this order, and the first bound that is hit
+answers:
+
+1. ``--max-streams``: the store's `Ledger` slots, that is client streams plus
+   upstream calls running with no stream. 503 ``at_capacity``. A session POST
+   takes a slot for its call, and the first reader of a running session takes
+   that slot over, so an admitted session's reader is never refused; a second
+   concurrent reader, or a reader of a finished session, needs a slot of its own.
+2. Running answers per client (new answers only): ``--max-answers-per-user``
+   for users named by ``--auth-tokens``; anonymous clients share addresses
+   behind proxies and load testers, so their cap, ``--max-answers-per-address``,
+   is off unless set. 429 ``too_many_answers``, ``Retry-After: 1``.
+3. ``--rate-limit`` (new answers only): 429 ``rate_limited``. Last, so that a
+   request refused for another reason spends none of the client's budget.
+
+Counts are per process (the Redis store shares sessions, not these counts).
+"""
+
+from __future__ import annotations
+
+from relay.config import Settings
+from relay.errors import RelayError
+from relay.limits import RateLimiter
+from relay.metrics import Metrics
+from relay.sessions import Ledger, Session
+
+
+class Refused(RelayError):
+    """A refusal with the seconds a client should wait before retrying."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: int) -> None:
+        super().__init__(status, code, message)
+        self.retry_after = retry_after
+
+
+class Admission:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, rate: RateLimiter, metrics: Metrics
+    ) -> None:
+        self.max_slots = settings.max_streams
+        self.per_user = settings.max_answers_per_user if settings.auth_tokens else 0
+        self.per_address = 0 if settings.auth_tokens else settings.max_answers_per_address
+        self.rate_by_user = bool(settings.auth_tokens)
+        self.ledger = ledger
+        self.rate = rate
+        self.metrics = metrics
+
+    def answer(self, user: str, address: str) -> str | None:
+        """Admit a new answer for ``user`` at ``address``; return the quota key its
+        session counts under (None: uncapped). Raises `Refused`."""
+        self._slot()
+        key, cap = None, 0
+        if self.per_user:
+            key, cap = f"user:{user}", self.per_user
+        elif self.per_address:
+            key, cap = f"addr:{address}", self.per_address
+        if key is not None and self.ledger.running(key) >= cap:
+            self._refuse(429, "too_many_answers", f"at most {cap} answers at once; retry later", 1)
+        wait = self.rate.allow(user if self.rate_by_user else address)
+        if wait:
+            self._refuse(429, "rate_limited", "too many new streams; retry later", wait)
+        return key
+
+    def reader(self, session: Session) -> None:
+        """Admit one more reader of ``session``. Raises `Refused`."""
+        if session.reader_needs_slot():
+            self._slot()
+
+    def _slot(self) -> None:
+        if self.ledger.slots >= self.max_slots:
+            self._refuse(503, "at_capacity", "the relay is at capacity; retry shortly", 1)
+
+    def _refuse(self, status: int, code: str, message: str, retry_after: int) -> None:
+        self.metrics.refused.labels(code).inc()
+        raise Refused(status, code, message, retry_after)
