@@ -295,3 +295,14 @@ async def test_redis_sessions_and_their_mirrors_leave_no_cycles(
     await eventually(lambda: len(a.relay.store._tasks) == 1)  # the writer is done
     garbage = cyclic_stream_garbage()
     assert garbage == [], garbage
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_an_attach_on_another_process_counts_for_the_attach_grace(relays, fake):
+    a, b = await relays("--attach-grace=1"), await relays("--attach-grace=1")
+    fake.script = stream_tokens(TOKENS, delay=0.06)  # ~2.5 s: past the grace
+    attached, lonely = await create_session(a), await create_session(a)
+    res = await fetch_stream(b.url + attached["streamUrl"])
+    assert res.text() == "".join(TOKENS) and res.events[-1].data == "[DONE]"
+    late = await fetch_stream(b.url + lonely["streamUrl"])
+    assert late.events[-1].event == "error" and '"not_attached"' in late.events[-1].data
