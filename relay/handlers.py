@@ -171,8 +171,13 @@ class AskMixin(BaseHandler):
         self._too_large = False
         if self.request.method != "POST":
             return
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
+        length = self.request.headers.get("Content-Length")
+        if length is None:
+            return
+        size = _decimal(length)
+        if size is None:
+            self.send_relay_error(RelayError(400, "bad_request", "bad Content-Length"))
+        elif size > MAX_BODY:
             self.send_relay_error(_too_large())
 
     def data_received(self, chunk: bytes) -> None:
@@ -534,8 +539,17 @@ class SessionStreamHandler(EventStreamHandler):
 def _cursor(raw: str | None) -> int | None:
     if raw is None or raw == "":
         return 0
-    raw = raw.strip()
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    return _decimal(raw.strip())
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a number if it is 1 to 18 ASCII digits (so below 2**63), else None.
+
+    Not ``str.isdigit()`` alone: it also accepts "²" or "①", which ``int()`` refuses.
+    """
+    if 0 < len(text) <= 18 and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def _too_large() -> RelayError:

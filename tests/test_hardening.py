@@ -13,8 +13,23 @@ import pytest
 from tornado.iostream import IOStream
 
 from relay.limits import RateLimiter
-from tests.conftest import ASK, cyclic_stream_garbage, eventually, fetch_stream, nothing_left
-from tests.fakeupstream import answer_frames, chunk, hang, send_frames, start_stream, status
+from tests.conftest import (
+    ASK,
+    create_session,
+    cyclic_stream_garbage,
+    eventually,
+    fetch_stream,
+    nothing_left,
+)
+from tests.fakeupstream import (
+    answer_frames,
+    chunk,
+    hang,
+    send_frames,
+    start_stream,
+    status,
+    stream_tokens,
+)
 
 
 def port_of(rs) -> int:
@@ -85,6 +100,47 @@ def test_rate_limiter_refills_and_prunes_full_buckets():
     assert limiter.allow("c", now=1.0) == 0
     limiter.prune(now=1000.0)
     assert len(limiter) == 0
+
+
+async def raw_exchange(rs, request: bytes) -> bytes:
+    """Send ``request`` as it is (it should say ``Connection: close``) and read to the close."""
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port_of(rs)))
+    await stream.write(request)
+    return await asyncio.wait_for(stream.read_until_close(), 5)
+
+
+# -- malformed headers ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_non_ascii_digits_in_content_length_or_last_event_id_are_refused_not_500(
+    relay, fake, caplog
+):
+    # str.isdigit() accepts "²" (b"\xb2" read as latin-1) and "①"; int() does not.
+    fake.script = stream_tokens(["a"])
+    body = json.dumps(ASK).encode()
+    for length in (b"\xb2", b"\xb9\xb2", b"1" * 19, b""):
+        answer = await raw_exchange(
+            relay,
+            b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %s\r\n\r\n%s" % (length, body),
+        )
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(rest)["error"]["code"] == "bad_request"
+    stream_url = (await create_session(relay))["streamUrl"].encode()
+    requests = [
+        b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nLast-Event-ID: \xb2\r\n\r\n"
+        % stream_url,
+        b"GET %s?lastEventId=%%E2%%91%%A0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        % stream_url,
+    ]
+    for request in requests:
+        answer = await raw_exchange(relay, request)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"event: error" in answer and b'"bad_last_event_id"' in answer, answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- CORS -------------------------------------------------------------------------------------
