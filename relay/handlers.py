@@ -518,13 +518,13 @@ class SessionStreamHandler(EventStreamHandler):
         raw = self.request.headers.get("Last-Event-ID")
         if raw is None:
             raw = self.get_query_argument("lastEventId", None)
-        after = _cursor(raw)
+        after = _cursor(raw, session)
         if after is None or not session.check_cursor(after):
             self.commit()
             error = RelayError(400, "bad_last_event_id", "Last-Event-ID names no kept event")
             self.write(encode_error(error))
             return
-        if raw is not None and not session.running and after == session.last_seq:
+        if raw and not session.running and after == session.last_seq:
             self.set_status(204)  # tells EventSource to stop reconnecting
             return
         self.commit()
@@ -536,9 +536,11 @@ class SessionStreamHandler(EventStreamHandler):
         return self.user_id(required=False) == session.owner
 
 
-def _cursor(raw: str | None) -> int | None:
-    if raw is None or raw == "":
-        return 0
+def _cursor(raw: str | None, session: Session) -> int | None:
+    """The event to read after; with no Last-Event-ID (a first attach), just before
+    the oldest one kept, which is not event 1 once a long session has dropped some."""
+    if not raw:
+        return session.first_seq - 1
     return _decimal(raw.strip())
 
 
