@@ -7,11 +7,15 @@ import json
 import logging
 import os
 import socket
+import string
 import struct
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from tornado.iostream import IOStream
 
+from relay.errors import MASK, SHARED_RUN, redact
 from relay.limits import RateLimiter
 from tests.conftest import (
     ASK,
@@ -333,6 +337,69 @@ async def test_secrets_never_reach_logs_errors_or_responses(make_relay, fake, ca
     everything = logged.encode() + b"\n".join(seen)
     for secret in (key1, key2, token, "tok-DISTINCT-WRONG", question):
         assert secret.encode() not in everything, secret
+
+
+def shared_runs(key: str, text: str) -> list[str]:
+    """The runs of ``SHARED_RUN`` characters of ``key`` found in ``text``, ASCII case ignored;
+    the mask itself is not a leak, so runs across it do not count."""
+    lower = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+    key, pieces = key.translate(lower), text.translate(lower).split(MASK)
+    runs = {key[i : i + SHARED_RUN] for i in range(len(key) - SHARED_RUN + 1)}
+    return [run for run in runs if any(run in piece for piece in pieces)]
+
+
+@pytest.mark.gen_test
+async def test_cut_masked_or_upper_cased_key_echoes_never_reach_the_client(make_relay, fake):
+    key = "sk-UNIQUEMARKER-5f0c2e9a7b31d4aaaa"
+    rs = make_relay(upstream=fake.url, api_keys=(key,))
+    echoes = [
+        "sk-UNIQUEMAR****aaaa",  # as OpenAI echoes a key: its ends, the middle masked
+        key[:-1],
+        key[1:],
+        key.upper(),
+        f"UNIQUEMARKER for {key.lower()[5:20]}",
+        "Authorization: Bearer sk-some-OTHER-key-987",  # not configured, but shaped
+    ]
+    for echo in echoes:
+        fake.script = status(401, f"Incorrect API key provided: {echo}.")
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+        message = res.json()["error"]["message"]
+        assert res.status == 502 and MASK in message, message
+        assert shared_runs(key, message) == [] and "OTHER" not in message, message
+        frame = f"data: {json.dumps({'error': {'message': echo}})}\n\n".encode()
+        fake.script = send_frames([*answer_frames(["a"], finish=False), frame])
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+        message = json.loads(res.events[-1].data)["error"]["message"]
+        assert shared_runs(key, message) == [] and "OTHER" not in message, message
+
+
+KEY_CHARS = string.ascii_letters + string.digits + "-_"
+
+
+@given(key=st.text(KEY_CHARS, min_size=SHARED_RUN, max_size=60), data=st.data())
+def test_redact_masks_any_run_of_8_shared_with_a_key_in_any_case(key, data):
+    start = data.draw(st.integers(0, len(key) - SHARED_RUN))
+    echo = key[start : data.draw(st.integers(start + SHARED_RUN, len(key)))]
+    echo = data.draw(st.sampled_from([echo, echo.upper(), echo.lower(), echo.swapcase()]))
+    text = data.draw(st.text(max_size=40)) + echo + data.draw(st.text(max_size=40))
+    out = redact(text, ["another-configured-key", key])
+    assert shared_runs(key, out) == [], (text, out)
+
+
+@given(
+    secret=st.text(KEY_CHARS + "*", min_size=4, max_size=60), around=st.text(" ,.:;\n", min_size=1)
+)
+def test_redact_masks_sk_and_bearer_shaped_secrets_whatever_the_keys(secret, around):
+    for shaped in (f"sk-{secret}", f"Bearer {secret}", f"bearer  {secret}"):
+        out = redact(f"key{around}{shaped}{around}end", [])
+        assert secret not in out.split(MASK)[-1] and MASK in out, out
+
+
+@given(key=st.text(KEY_CHARS, min_size=1, max_size=60), text=st.text(max_size=200))
+def test_redact_leaves_text_with_no_secret_alone(key, text):
+    assume(not shared_runs(key, text) and key.lower() not in text.lower())
+    assume("sk-" not in text.lower() and "bearer" not in text.lower())
+    assert redact(text, [key]) == text
 
 
 @pytest.mark.gen_test
