@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -23,8 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay")
 
-DEMO_PATH = "/demo/v1"
-
 
 class Watched(Protocol):
     """An open client stream, as the watchdog sees it."""
@@ -37,10 +36,18 @@ class Relay:
 
     It also owns the two periodic jobs: the prune run (``--prune-interval``) and
     a short watchdog tick for heartbeats, send timeouts and upstream idle
-    timeouts, so no per-event timer is ever armed.
+    timeouts, so no per-event timer is ever armed; and, with no ``--upstream``, the
+    embedded demo server, which it stops on shutdown.
     """
 
-    def __init__(self, settings: Settings, upstream_url: str) -> None:
+    def __init__(self, settings: Settings) -> None:
+        upstream_url = settings.upstream
+        self.demo: demo.DemoServer | None = None
+        if upstream_url is None:
+            self.demo = demo.DemoServer(settings.demo_token_delay)
+            upstream_url = self.demo.url
+            # Its secret is the one key sent to it (never a key meant for a real model server).
+            settings = dataclasses.replace(settings, api_keys=(self.demo.secret,))
         self.settings = settings
         self.metrics = Metrics()
         self.store = make_store(settings)
@@ -82,6 +89,8 @@ class Relay:
             await asyncio.sleep(0.05)
         self._tick.stop()
         self.upstream.close()
+        if self.demo is not None:
+            await self.demo.close()
         await self.store.close()
 
 
@@ -103,11 +112,10 @@ def make_store(settings: Settings) -> MemoryStore | RedisStore:
     return MemoryStore(settings.session_ttl)
 
 
-def make_app(settings: Settings, self_url: str) -> Application:
-    """Build the Tornado application. ``self_url`` is where this server can reach
-    itself (``http://127.0.0.1:PORT``): the demo upstream lives there."""
-    upstream_url = settings.upstream or self_url + DEMO_PATH
-    relay = Relay(settings, upstream_url)
+def make_app(settings: Settings) -> Application:
+    """Build the Tornado application; with no ``--upstream`` its `Relay` also starts the
+    embedded demo upstream, on a loopback port of its own (relay/demo.py)."""
+    relay = Relay(settings)
     routes = [
         (r"/", handlers.IndexHandler),
         (r"/aianswer/robots", handlers.RobotsHandler),
@@ -118,14 +126,6 @@ def make_app(settings: Settings, self_url: str) -> Application:
         (r"/healthz", handlers.HealthHandler),
         (r"/metrics", handlers.MetricsHandler),
     ]
-    if settings.upstream is None:
-        routes.append(
-            (
-                DEMO_PATH + "/chat/completions",
-                demo.DemoCompletionsHandler,
-                {"token_delay": settings.demo_token_delay},
-            )
-        )
     app = RelayApplication(
         routes,
         default_handler_class=handlers.NotFoundHandler,

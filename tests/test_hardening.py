@@ -15,6 +15,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from tornado.iostream import IOStream
 
+from relay import demo
 from relay.errors import MASK, SHARED_RUN, redact
 from relay.limits import RateLimiter
 from tests.conftest import (
@@ -145,6 +146,32 @@ async def test_non_ascii_digits_in_content_length_or_last_event_id_are_refused_n
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert b"event: error" in answer and b'"bad_last_event_id"' in answer, answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- the embedded demo upstream ---------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_demo_upstream_is_not_served_to_clients_past_auth_and_limits(make_relay):
+    rs = make_relay(auth_tokens={"tok": "alice"}, max_streams=2, rate_limit=1)
+    completion = {"model": "relay-demo", "messages": [], "stream": True}
+    for _ in range(3):  # no token, more than --max-streams and --rate-limit allow
+        res = await fetch_stream(rs.url + "/demo/v1/chat/completions", completion)
+        assert res.status == 404 and res.json()["error"]["code"] == "not_found"
+    # Its own server: loopback, another port, and only for the secret the relay presents.
+    served = rs.relay.demo
+    assert served.url.startswith("http://127.0.0.1:") and not served.url.startswith(rs.url)
+    for headers in ({}, {"Authorization": "Bearer guessed"}):
+        res = await fetch_stream(served.url + "/chat/completions", completion, headers=headers)
+        assert res.status == 401 and res.events == []
+    res = await fetch_stream(
+        rs.url + "/aianswer/streamAsk", ASK, headers={"Authorization": "Bearer tok"}
+    )
+    assert res.text() == demo.answer_for(ASK["aiQuestion"])
+    await rs.relay.shutdown()  # stops the demo server too
+    port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
 
 
 # -- CORS -------------------------------------------------------------------------------------

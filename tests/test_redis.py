@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import IOStream
 
+from relay import demo
 from tests.conftest import (
     ASK,
     create_session,
@@ -266,6 +268,26 @@ async def test_workers_2_serves_from_both_processes(relays, fake):
     created = await create_session(rp)
     assert (await fetch_stream(rp.url + created["streamUrl"])).text() == "w"
     assert rp.stop() == 0
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_workers_2_without_upstream_each_run_their_own_demo(redis_server, tmp_path):
+    rp = RelayProcess(
+        ["--workers=2", f"--store={redis_server.url}", "--demo-token-delay=0.001"],
+        tmp_path / "relay.log",
+    )
+    try:
+        await rp.ready()
+        results = await asyncio.gather(
+            *(fetch_stream(rp.url + "/aianswer/streamAsk", ASK) for _ in range(6))
+        )
+        assert {r.text() for r in results} == {demo.answer_for(ASK["aiQuestion"])}
+        assert (await fetch_stream(rp.url + "/demo/v1/chat/completions", ASK)).status == 404
+        # One demo server per worker, each on a loopback port of its own.
+        demos = re.findall(r"embedded demo at (http://127\.0\.0\.1:\d+)/", rp.log.read_text())
+        assert len(set(demos)) == 2, demos
+    finally:
+        assert rp.stop() == 0
 
 
 def test_workers_with_the_memory_store_is_refused():
