@@ -133,7 +133,10 @@ class RedisStore:
 
     async def remove(self, uid: str) -> None:
         """Remove a session everywhere; the process running it cancels its upstream call."""
+        session = self.local.find(uid)
         await self.local.remove(uid)
+        if session is not None and not session.replayable:
+            return  # one-shot: never in Redis, so its end needs no Redis either
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(_meta_key(uid), "deleted", 1)
         pipe.expire(_meta_key(uid), _DELETED_LINGER)

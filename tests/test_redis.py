@@ -7,6 +7,7 @@ subprocesses pointed at it and at one redis-server started on a free port.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -248,6 +249,30 @@ async def test_redis_killed_mid_stream_and_restarted(relays, fake, redis_server)
     created = await create_session(a)
     res = await fetch_stream(b.url + created["streamUrl"])
     assert res.text() == "".join(TOKENS)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_one_shot_stream_never_touches_redis_even_frozen(
+    make_relay, fake, redis_server, caplog
+):
+    rs = make_relay(upstream=fake.url, store=redis_server.url)
+    r = redis_server.client()
+    await eventually(lambda: r.pubsub_numsub("relay:cancel")[0][1] == 1)  # the listener is in
+    before = r.info("commandstats")
+    fake.script = stream_tokens(TOKENS)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK, timeout=5)
+        assert res.text() == "".join(TOKENS)
+        await asyncio.sleep(0.5)  # the handler's end, and whatever it would send
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    await asyncio.sleep(0.2)  # anything queued for Redis is served now
+    after = r.info("commandstats")
+    sent = {name: stats for name, stats in after.items() if before.get(name) != stats}
+    assert set(sent) <= {"cmdstat_info", "cmdstat_pubsub|numsub"}, sent
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    await eventually(lambda: nothing_left(rs))
 
 
 @pytest.mark.gen_test(timeout=40)
