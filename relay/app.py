@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from relay.redis_store import RedisStore
 
 log = logging.getLogger("relay")
+access_log = logging.getLogger("tornado.access")
+
+_HEX_RUN = re.compile(r"([0-9a-fA-F]{8})[0-9a-fA-F]{8,}")  # a uid, or anything like one
 
 
 class Watched(Protocol):
@@ -96,11 +100,31 @@ class Relay:
 
 class RelayApplication(Application):
     """Tornado's access line for every request but event streams, which log a
-    richer one of their own when they end (one line per request, not two)."""
+    richer one of their own when they end (one line per request, not two).
+
+    A session uid is a capability, so a log line shows only its first 8 characters:
+    any run of 16 or more hex digits in the URI is cut to its first 8 and ``…``.
+    """
 
     def log_request(self, handler: RequestHandler) -> None:
-        if not getattr(handler, "end_logged", False):
-            super().log_request(handler)
+        if getattr(handler, "end_logged", False):
+            return
+        status = handler.get_status()
+        if status < 400:
+            log_method = access_log.info
+        elif status < 500:
+            log_method = access_log.warning
+        else:
+            log_method = access_log.error
+        request = handler.request
+        log_method(
+            "%d %s %s (%s) %.2fms",
+            status,
+            request.method,
+            _HEX_RUN.sub(r"\1…", request.uri or ""),
+            request.remote_ip,
+            1000.0 * request.request_time(),
+        )
 
 
 def make_store(settings: Settings) -> MemoryStore | RedisStore:

@@ -126,7 +126,8 @@ class StaticHandler(StaticFileHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
-        raise HTTPError(404, "no such path")
+        # Not an HTTPError: Tornado would log it with the whole URI, which may hold a uid.
+        self.send_relay_error(RelayError(404, "not_found", "no such path"))
 
 
 class RobotsHandler(BaseHandler):
@@ -344,7 +345,7 @@ class EventStreamHandler(AskMixin):
             self.end_logged = True
             access_log.info(
                 "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
-                session.uid,
+                session.uid[:8],  # the whole uid is a capability: never logged
                 session.owner,
                 session.robot_id,
                 self.get_status(),

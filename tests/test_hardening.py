@@ -430,6 +430,23 @@ def test_redact_leaves_text_with_no_secret_alone(key, text):
 
 
 @pytest.mark.gen_test
+async def test_session_uid_never_reaches_the_logs_in_full(relay, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake.script = status(500)  # the upstream call ends with a log line of its own
+    uid = (await create_session(relay))["uid"]
+    stream, session = f"{relay.url}/aianswer/stream/{uid}", f"{relay.url}/aianswer/sessions/{uid}"
+    assert (await fetch_stream(stream)).events[-1].event == "error"
+    assert (await fetch_stream(stream + "?lastEventId=0")).status == 204  # nothing new
+    assert (await fetch_stream(session, method="DELETE")).status == 204
+    for url in (stream, session, f"{stream}/x", f"{relay.url}/nope/{uid.upper()}?u={uid}"):
+        res = await fetch_stream(url, method="DELETE" if url == session else "GET")
+        assert res.status == 404, url
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged.count(uid[:8]) >= 8  # the capture saw every line (prefix only)
+    assert uid not in logged.lower(), logged
+
+
+@pytest.mark.gen_test
 async def test_metrics_expose_streams_events_errors_and_ttft(relay, fake):
     fake.script = send_frames(answer_frames(["a", "b"]))
     await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
