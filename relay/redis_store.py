@@ -169,7 +169,7 @@ class RedisStore:
         return task
 
     async def _listen(self) -> None:
-        """Cancel local sessions whose uid is published on the cancel channel."""
+        """Cancel and drop local sessions whose uid is published on the cancel channel."""
         attempt = 0
         while not self._closed:
             pubsub = self.redis.pubsub()
@@ -179,17 +179,20 @@ class RedisStore:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                     if message is not None:
-                        self._cancel_local(message["data"].decode())
+                        await self._cancel_local(message["data"].decode())
             except (RedisError, OSError):
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
             finally:
                 await pubsub.aclose()
 
-    def _cancel_local(self, uid: str) -> None:
+    async def _cancel_local(self, uid: str) -> None:
+        """A DELETE on another process: cancel the call if it runs here, and forget the
+        session, so that a later GET here looks in Redis, finds it deleted, and is 404."""
         session = self.local.find(uid)
         if session is not None:
             session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
+            await self.local.remove(uid)
 
 
 class RedisWriter:

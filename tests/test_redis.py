@@ -208,6 +208,21 @@ async def test_delete_on_b_cancels_the_upstream_call_running_on_a(relays, fake):
     assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_delete_on_b_makes_later_gets_on_a_404_too(make_relay, fake, redis_server):
+    a = make_relay(upstream=fake.url, store=redis_server.url)
+    b = make_relay(upstream=fake.url, store=redis_server.url)
+    fake.script = hang(60)
+    created = await create_session(a)  # A runs the call and keeps the session in memory
+    res = await fetch_stream(b.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 2)  # A has the cancel message
+    for rs in (a, b):
+        res = await fetch_stream(rs.url + created["streamUrl"])
+        assert res.status == 404 and res.json()["error"]["code"] == "not_found", rs.url
+    assert len(a.relay.store) == 0
+
+
 @pytest.mark.gen_test(timeout=40)
 async def test_session_expires_through_redis(relays, fake, redis_server):
     a = await relays("--session-ttl=1", "--prune-interval=0.2")
