@@ -174,6 +174,47 @@ async def test_demo_upstream_is_not_served_to_clients_past_auth_and_limits(make_
         socket.create_connection(("127.0.0.1", port), timeout=1)
 
 
+# -- security headers and the page -----------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_security_headers_on_every_response_and_a_strict_csp_on_the_page(relay, fake):
+    fake.script = stream_tokens(["a"])
+    requests = [
+        ("/", None, "GET", 200),
+        ("/static/app.js", None, "GET", 200),
+        ("/static/style.css", None, "GET", 200),
+        ("/aianswer/robots", None, "GET", 200),
+        ("/healthz", None, "GET", 200),
+        ("/metrics", None, "GET", 200),
+        ("/aianswer/streamAsk", ASK, "POST", 200),
+        ("/aianswer/streamAsk", b"{", "POST", 400),
+        ("/aianswer/stream/" + "0" * 32, None, "GET", 404),
+        ("/nope", None, "GET", 404),
+        ("/static/nope.js", None, "GET", 404),
+        ("/healthz", b"", "PUT", 405),
+    ]
+    for path, body, method, code in requests:
+        res = await fetch_stream(relay.url + path, body, method=method)
+        assert res.status == code, path
+        assert res.headers["x-content-type-options"] == "nosniff", path
+        assert res.headers["referrer-policy"] == "no-referrer", path
+    csp = (await fetch_stream(relay.url + "/")).headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["frame-ancestors"] == "'none'"
+    assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+    assert "unsafe" not in csp
+
+
+@pytest.mark.gen_test
+async def test_head_of_the_page_answers_like_get(relay):
+    got = await fetch_stream(relay.url + "/")
+    head = await fetch_stream(relay.url + "/", method="HEAD")
+    assert head.status == got.status == 200
+    assert {**head.headers, "date": ""} == {**got.headers, "date": ""}
+    assert int(head.headers["content-length"]) == len(got.raw) > 0 and head.raw == b""
+
+
 # -- CORS -------------------------------------------------------------------------------------
 
 
