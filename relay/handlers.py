@@ -275,6 +275,7 @@ class EventStreamHandler(AskMixin):
             self.wake()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # ends Tornado's wait for a body that never came
         self._closed = True
         self.wake()
         if self._session is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from tornado.iostream import IOStream
 
 from relay import demo
 from relay.errors import MASK, SHARED_RUN, redact
+from relay.handlers import EventStreamHandler
 from relay.limits import RateLimiter
 from tests.conftest import (
     ASK,
@@ -146,6 +148,32 @@ async def test_non_ascii_digits_in_content_length_or_last_event_id_are_refused_n
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert b"event: error" in answer and b'"bad_last_event_id"' in answer, answer
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def stream_handlers() -> int:
+    gc.collect()
+    return sum(isinstance(o, EventStreamHandler) for o in gc.get_objects())
+
+
+@pytest.mark.gen_test
+async def test_a_body_that_never_comes_leaves_no_stream_handler_waiting_for_it(relay, fake):
+    fake.script = stream_tokens(["a"])
+    stream_url = (await create_session(relay))["streamUrl"].encode()
+    before = stream_handlers()
+    # Tornado answers a bad Content-Length on a GET itself (a bare 400), and the client
+    # below leaves before its body ends: either way the handler's wait for it must end.
+    answer = await raw_exchange(
+        relay, b"GET %s HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n" % stream_url
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port_of(relay)))
+    await stream.write(
+        b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+    )
+    await asyncio.sleep(0.1)
+    stream.close()
+    await eventually(lambda: stream_handlers() == before)
 
 
 # -- the embedded demo upstream ---------------------------------------------------------------
