@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
     from relay.redis_store import RedisStore
 
 log = logging.getLogger("relay")
+access_log = logging.getLogger("tornado.access")
 
-DEMO_PATH = "/demo/v1"
+_HEX_RUN = re.compile(r"([0-9a-fA-F]{8})[0-9a-fA-F]{8,}")  # a uid, or anything like one
 
 
 class Watched(Protocol):
@@ -38,10 +41,18 @@ class Relay:
 
     It also owns the two periodic jobs: the prune run (``--prune-interval``) and
     a short watchdog tick for heartbeats, send timeouts and upstream idle
-    timeouts, so no per-event timer is ever armed.
+    timeouts, so no per-event timer is ever armed; and, with no ``--upstream``, the
+    embedded demo server, which it stops on shutdown.
     """
 
-    def __init__(self, settings: Settings, upstream_url: str) -> None:
+    def __init__(self, settings: Settings) -> None:
+        upstream_url = settings.upstream
+        self.demo: demo.DemoServer | None = None
+        if upstream_url is None:
+            self.demo = demo.DemoServer(settings.demo_token_delay)
+            upstream_url = self.demo.url
+            # Its secret is the one key sent to it (never a key meant for a real model server).
+            settings = dataclasses.replace(settings, api_keys=(self.demo.secret,))
         self.settings = settings
         self.metrics = Metrics()
         self.store = make_store(settings)
@@ -93,16 +104,38 @@ class Relay:
             await asyncio.sleep(0.05)
         self._tick.stop()
         self.upstream.close()
+        if self.demo is not None:
+            await self.demo.close()
         await self.store.close()
 
 
 class RelayApplication(Application):
     """Tornado's access line for every request but event streams, which log a
-    richer one of their own when they end (one line per request, not two)."""
+    richer one of their own when they end (one line per request, not two).
+
+    A session uid is a capability, so a log line shows only its first 8 characters:
+    any run of 16 or more hex digits in the URI is cut to its first 8 and ``…``.
+    """
 
     def log_request(self, handler: RequestHandler) -> None:
-        if not getattr(handler, "end_logged", False):
-            super().log_request(handler)
+        if getattr(handler, "end_logged", False):
+            return
+        status = handler.get_status()
+        if status < 400:
+            log_method = access_log.info
+        elif status < 500:
+            log_method = access_log.warning
+        else:
+            log_method = access_log.error
+        request = handler.request
+        log_method(
+            "%d %s %s (%s) %.2fms",
+            status,
+            request.method,
+            _HEX_RUN.sub(r"\1…", request.uri or ""),
+            request.remote_ip,
+            1000.0 * request.request_time(),
+        )
 
 
 def make_store(settings: Settings) -> MemoryStore | RedisStore:
@@ -115,11 +148,10 @@ def make_store(settings: Settings) -> MemoryStore | RedisStore:
     return MemoryStore(settings.session_ttl, max_kept_bytes=kept)
 
 
-def make_app(settings: Settings, self_url: str) -> Application:
-    """Build the Tornado application. ``self_url`` is where this server can reach
-    itself (``http://127.0.0.1:PORT``): the demo upstream lives there."""
-    upstream_url = settings.upstream or self_url + DEMO_PATH
-    relay = Relay(settings, upstream_url)
+def make_app(settings: Settings) -> Application:
+    """Build the Tornado application; with no ``--upstream`` its `Relay` also starts the
+    embedded demo upstream, on a loopback port of its own (relay/demo.py)."""
+    relay = Relay(settings)
     routes = [
         (r"/", handlers.IndexHandler),
         (r"/aianswer/robots", handlers.RobotsHandler),
@@ -130,14 +162,6 @@ def make_app(settings: Settings, self_url: str) -> Application:
         (r"/healthz", handlers.HealthHandler),
         (r"/metrics", handlers.MetricsHandler),
     ]
-    if settings.upstream is None:
-        routes.append(
-            (
-                DEMO_PATH + "/chat/completions",
-                demo.DemoCompletionsHandler,
-                {"token_delay": settings.demo_token_delay},
-            )
-        )
     app = RelayApplication(
         routes,
         default_handler_class=handlers.NotFoundHandler,

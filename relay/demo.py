@@ -1,21 +1,30 @@
-"""The embedded demo upstream: an OpenAI-compatible streaming endpoint on the relay itself.
+"""The embedded demo upstream: an OpenAI-compatible streaming endpoint in the relay's process.
 
-With no ``--upstream`` the server also serves ``POST /demo/v1/chat/completions``
-and the relay calls it over real HTTP on loopback, so ``python server.py``
-shows the true path with no API key and no network. Every question gets the
-same canned answer (Chinese and English, a paragraph break, a few hundred
-tokens), one token per ``--demo-token-delay`` seconds.
+With no ``--upstream`` each relay process (each worker) starts a `DemoServer`
+serving ``POST /v1/chat/completions`` and calls it over real HTTP, so
+``python server.py`` shows the true path with no API key and no network.
+Every question gets the same canned answer (Chinese and English, a paragraph
+break, a few hundred tokens), one token per ``--demo-token-delay`` seconds.
+
+Only that process's relay reaches it: it listens on 127.0.0.1 on a port of its
+own (never the public one), and answers only requests that present the
+process's random secret, which the relay sends as its upstream key. So the
+demo is used through ``/aianswer`` or not at all, under its auth and limits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import re
+import secrets
 import time
 
 import ujson
+from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
-from tornado.web import RequestHandler
+from tornado.netutil import bind_sockets
+from tornado.web import Application, RequestHandler
 
 MODEL = "relay-demo"
 
@@ -68,11 +77,42 @@ def _chunk(completion_id: str, created: int, delta: dict, finish: str | None) ->
     return b"data: " + ujson.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
 
 
-class DemoCompletionsHandler(RequestHandler):
-    """``POST /demo/v1/chat/completions``: the canned answer as an OpenAI event stream."""
+class DemoServer:
+    """The demo upstream on 127.0.0.1, an ephemeral port, for this process's relay only."""
 
-    def initialize(self, token_delay: float) -> None:
+    def __init__(self, token_delay: float) -> None:
+        self.secret = secrets.token_hex(16)
+        app = Application(
+            [
+                (
+                    r"/v1/chat/completions",
+                    DemoCompletionsHandler,
+                    {"token_delay": token_delay, "secret": self.secret},
+                )
+            ]
+        )
+        sockets = bind_sockets(0, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}/v1"
+        self._server = HTTPServer(app)
+        self._server.add_sockets(sockets)
+
+    async def close(self) -> None:
+        self._server.stop()
+        await self._server.close_all_connections()
+
+
+class DemoCompletionsHandler(RequestHandler):
+    """``POST /v1/chat/completions``: the canned answer as an OpenAI event stream."""
+
+    def initialize(self, token_delay: float, secret: str) -> None:
         self.token_delay = token_delay
+        self.secret = secret
+
+    def prepare(self) -> None:
+        presented = self.request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(presented, f"Bearer {self.secret}".encode()):
+            self.set_status(401)
+            self.finish({"error": {"message": "the demo answers its own relay only"}})
 
     async def post(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")

@@ -7,6 +7,8 @@ the stream has not started yet, and a stable ``code`` for the JSON body or the
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -31,13 +33,46 @@ class RelayError(Exception):
         return f"RelayError({self.status}, {self.code!r}, {self.message!r})"
 
 
+# Secrets by their shape, whatever keys are configured: an ``sk-`` key (OpenAI's style,
+# also as upstreams echo it, half masked with ``*``) and the word after ``Bearer``.
+_SHAPED = re.compile(r"\b(sk-[\w*-]{4,})|\bbearer\s+([^\s\"',;]+)", re.IGNORECASE)
+# Upstreams echo keys cut short, masked in the middle or upper-cased: any run this long
+# shared with a configured key is masked.
+SHARED_RUN = 8
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)  # keeps the length
+MASK = "[redacted]"
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every configured secret found in ``text`` (upstream error bodies
-    sometimes echo part of a key) with ``[redacted]``."""
+    """``text`` with each secret-shaped word, and each run of ``SHARED_RUN`` or more
+    characters that also occurs in one of ``secrets`` (ASCII case ignored; a shorter
+    secret only whole), replaced by ``[redacted]``.
+
+    It only runs on error messages, and is linear: one set lookup per position of the
+    text for all keys of ``SHARED_RUN`` characters or more.
+    """
+    spans = [m.span(m.lastindex or 0) for m in _SHAPED.finditer(text)]
+    runs: dict[int, set[str]] = {}  # length -> the keys' substrings of that length
     for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "[redacted]")
-    return text
+        key = secret.translate(_ASCII_LOWER)
+        size = min(SHARED_RUN, len(key))
+        if size:
+            runs.setdefault(size, set()).update(
+                key[i : i + size] for i in range(len(key) - size + 1)
+            )
+    folded = text.translate(_ASCII_LOWER)
+    for size, known in runs.items():
+        spans += [
+            (i, i + size) for i in range(len(folded) - size + 1) if folded[i : i + size] in known
+        ]
+    out: list[str] = []
+    end = 0  # where the text not yet copied starts
+    for start, stop in sorted(spans):
+        if start > end or not out:
+            out += (text[end:start], MASK)
+        end = max(end, stop)
+    out.append(text[end:])
+    return "".join(out)
 
 
 E = TypeVar("E", bound=BaseException)

@@ -40,6 +40,15 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 RETRY_FRAME = encode_retry(3000)
 PING_FRAME = encode_comment("ping")
 ANONYMOUS = "anonymous"
+# On every response: no MIME sniffing (a JSON body is never taken for a script or a page)
+# and no Referer sent on from the page.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+# The page runs only its own script and style files (nothing inline), in no frame; its icon
+# is a data: URL.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 class BaseHandler(RequestHandler):
@@ -50,6 +59,7 @@ class BaseHandler(RequestHandler):
         return self.application.settings["relay"]
 
     def set_default_headers(self) -> None:
+        set_security_headers(self)
         origin = self.request.headers.get("Origin")
         if origin and self._origin_allowed(origin):
             self.set_header("Access-Control-Allow-Origin", origin)
@@ -116,12 +126,18 @@ class IndexHandler(BaseHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
+        self.set_header("Content-Security-Policy", PAGE_CSP)
         with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
             self.write(f.read())
+
+    head = get  # the same status and headers; Tornado sends no body for HEAD
 
 
 class StaticHandler(StaticFileHandler):
     """The page's JS and CSS: revalidated on every load, so a deploy is seen at once."""
+
+    def set_default_headers(self) -> None:
+        set_security_headers(self)
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
@@ -129,7 +145,8 @@ class StaticHandler(StaticFileHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
-        raise HTTPError(404, "no such path")
+        # Not an HTTPError: Tornado would log it with the whole URI, which may hold a uid.
+        self.send_relay_error(RelayError(404, "not_found", "no such path"))
 
 
 class RobotsHandler(BaseHandler):
@@ -174,8 +191,13 @@ class AskMixin(BaseHandler):
         self._too_large = False
         if self.request.method != "POST":
             return
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
+        length = self.request.headers.get("Content-Length")
+        if length is None:
+            return
+        size = _decimal(length)
+        if size is None:
+            self.send_relay_error(RelayError(400, "bad_request", "bad Content-Length"))
+        elif size > MAX_BODY:
             self.send_relay_error(_too_large())
 
     def data_received(self, chunk: bytes) -> None:
@@ -265,6 +287,7 @@ class EventStreamHandler(AskMixin):
             self.wake()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # ends Tornado's wait for a body that never came
         self._closed = True
         self.wake()
         if self._session is not None:
@@ -351,7 +374,7 @@ class EventStreamHandler(AskMixin):
             self.end_logged = True
             access_log.info(
                 "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
-                session.uid,
+                session.uid[:8],  # the whole uid is a capability: never logged
                 session.owner,
                 session.robot_id,
                 self.get_status(),
@@ -414,6 +437,11 @@ class EventStreamHandler(AskMixin):
 
     def _last_write(self) -> float:
         return self._opened if self._writer is None else self._writer.last_write
+
+
+def set_security_headers(handler: RequestHandler) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        handler.set_header(name, value)
 
 
 def encode_error(error: RelayError) -> bytes:
@@ -482,13 +510,13 @@ class SessionStreamHandler(EventStreamHandler):
         raw = self.request.headers.get("Last-Event-ID")
         if raw is None:
             raw = self.get_query_argument("lastEventId", None)
-        after = _cursor(raw)
+        after = _cursor(raw, session)
         if after is None or not session.check_cursor(after):
             self.commit()
             error = RelayError(400, "bad_last_event_id", "Last-Event-ID names no kept event")
             self.write(encode_error(error))
             return
-        if raw is not None and not session.running and after == session.last_seq:
+        if raw and not session.running and after == session.last_seq:
             self.set_status(204)  # tells EventSource to stop reconnecting
             return
         self.commit()
@@ -520,11 +548,22 @@ def peer_closed(stream: IOStream) -> bool:
         return True
 
 
-def _cursor(raw: str | None) -> int | None:
-    if raw is None or raw == "":
-        return 0
-    raw = raw.strip()
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+def _cursor(raw: str | None, session: Session) -> int | None:
+    """The event to read after; with no Last-Event-ID (a first attach), just before
+    the oldest one kept, which is not event 1 once a long session has dropped some."""
+    if not raw:
+        return session.first_seq - 1
+    return _decimal(raw.strip())
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a number if it is 1 to 18 ASCII digits (so below 2**63), else None.
+
+    Not ``str.isdigit()`` alone: it also accepts "²" or "①", which ``int()`` refuses.
+    """
+    if 0 < len(text) <= 18 and text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def _too_large() -> RelayError:

@@ -154,7 +154,10 @@ class RedisStore:
 
     async def remove(self, uid: str) -> None:
         """Remove a session everywhere; the process running it cancels its upstream call."""
+        session = self.local.find(uid)
         await self.local.remove(uid)
+        if session is not None and not session.replayable:
+            return  # one-shot: never in Redis, so its end needs no Redis either
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(_meta_key(uid), "deleted", 1)
         pipe.expire(_meta_key(uid), _DELETED_LINGER)
@@ -217,7 +220,7 @@ class RedisStore:
         return task
 
     async def _listen(self) -> None:
-        """Cancel local sessions whose uid is published on the cancel channel."""
+        """Cancel and drop local sessions whose uid is published on the cancel channel."""
         attempt = 0
         while not self._closed:
             pubsub = self.redis.pubsub()
@@ -227,17 +230,20 @@ class RedisStore:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                     if message is not None:
-                        self._cancel_local(message["data"].decode())
+                        await self._cancel_local(message["data"].decode())
             except (RedisError, OSError):
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
             finally:
                 await pubsub.aclose()
 
-    def _cancel_local(self, uid: str) -> None:
+    async def _cancel_local(self, uid: str) -> None:
+        """A DELETE on another process: cancel the call if it runs here, and forget the
+        session, so that a later GET here looks in Redis, finds it deleted, and is 404."""
         session = self.local.find(uid)
         if session is not None:
             session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
+            await self.local.remove(uid)
 
 
 class RedisWriter:

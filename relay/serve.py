@@ -119,11 +119,11 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
 
 async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     port = sockets[0].getsockname()[1]
-    app = make_app(settings, self_url(settings.host, port))
+    app = make_app(settings)
     server = HTTPServer(app, idle_connection_timeout=75)
     server.add_sockets(sockets)
     relay = app.settings["relay"]
-    upstream = settings.upstream or "the embedded demo"
+    upstream = settings.upstream or f"the embedded demo at {relay.upstream.url}"
     log.info("relay listening on %s, upstream %s", self_url(settings.host, port), _safe(upstream))
     manual_full_collections()
     collector = PeriodicCallback(full_collection, settings.prune_interval * 1000)

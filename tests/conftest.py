@@ -51,7 +51,7 @@ def make_relay(io_loop) -> Callable[..., RelayServer]:
         url = f"http://127.0.0.1:{port}"
         overrides.setdefault("demo_token_delay", 0.001)
         settings = dataclasses.replace(Settings(), port=port, **overrides)
-        app = make_app(settings, url)
+        app = make_app(settings)
         server = HTTPServer(app)
         server.add_sockets([sock])
         rs = RelayServer(url, app.settings["relay"], server)

@@ -44,7 +44,7 @@ def threaded_relay():
             settings = dataclasses.replace(
                 Settings(), port=port, demo_token_delay=0.0, auth_tokens={"tok": "alice"}
             )
-            app = make_app(settings, f"http://127.0.0.1:{port}")
+            app = make_app(settings)
             server = HTTPServer(app)
             server.add_sockets([sock])
             box["stop"] = asyncio.Event()

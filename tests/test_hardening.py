@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
 import socket
+import string
 import struct
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from tornado.iostream import IOStream
 
+from relay import demo
+from relay.errors import MASK, SHARED_RUN, redact
+from relay.handlers import EventStreamHandler
 from relay.limits import RateLimiter
-from tests.conftest import ASK, cyclic_stream_garbage, eventually, fetch_stream, nothing_left
-from tests.fakeupstream import answer_frames, chunk, hang, send_frames, start_stream, status
+from tests.conftest import (
+    ASK,
+    create_session,
+    cyclic_stream_garbage,
+    eventually,
+    fetch_stream,
+    nothing_left,
+)
+from tests.fakeupstream import (
+    answer_frames,
+    chunk,
+    hang,
+    send_frames,
+    start_stream,
+    status,
+    stream_tokens,
+)
 
 
 def port_of(rs) -> int:
@@ -85,6 +107,140 @@ def test_rate_limiter_refills_and_prunes_full_buckets():
     assert limiter.allow("c", now=1.0) == 0
     limiter.prune(now=1000.0)
     assert len(limiter) == 0
+
+
+async def raw_exchange(rs, request: bytes) -> bytes:
+    """Send ``request`` as it is (it should say ``Connection: close``) and read to the close."""
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port_of(rs)))
+    await stream.write(request)
+    return await asyncio.wait_for(stream.read_until_close(), 5)
+
+
+# -- malformed headers ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_non_ascii_digits_in_content_length_or_last_event_id_are_refused_not_500(
+    relay, fake, caplog
+):
+    # str.isdigit() accepts "²" (b"\xb2" read as latin-1) and "①"; int() does not.
+    fake.script = stream_tokens(["a"])
+    body = json.dumps(ASK).encode()
+    for length in (b"\xb2", b"\xb9\xb2", b"1" * 19, b""):
+        answer = await raw_exchange(
+            relay,
+            b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %s\r\n\r\n%s" % (length, body),
+        )
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(rest)["error"]["code"] == "bad_request"
+    stream_url = (await create_session(relay))["streamUrl"].encode()
+    requests = [
+        b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nLast-Event-ID: \xb2\r\n\r\n"
+        % stream_url,
+        b"GET %s?lastEventId=%%E2%%91%%A0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        % stream_url,
+    ]
+    for request in requests:
+        answer = await raw_exchange(relay, request)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"event: error" in answer and b'"bad_last_event_id"' in answer, answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def stream_handlers() -> int:
+    gc.collect()
+    return sum(isinstance(o, EventStreamHandler) for o in gc.get_objects())
+
+
+@pytest.mark.gen_test
+async def test_a_body_that_never_comes_leaves_no_stream_handler_waiting_for_it(relay, fake):
+    fake.script = stream_tokens(["a"])
+    stream_url = (await create_session(relay))["streamUrl"].encode()
+    before = stream_handlers()
+    # Tornado answers a bad Content-Length on a GET itself (a bare 400), and the client
+    # below leaves before its body ends: either way the handler's wait for it must end.
+    answer = await raw_exchange(
+        relay, b"GET %s HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n" % stream_url
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", port_of(relay)))
+    await stream.write(
+        b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+    )
+    await asyncio.sleep(0.1)
+    stream.close()
+    await eventually(lambda: stream_handlers() == before)
+
+
+# -- the embedded demo upstream ---------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_demo_upstream_is_not_served_to_clients_past_auth_and_limits(make_relay):
+    rs = make_relay(auth_tokens={"tok": "alice"}, max_streams=2, rate_limit=1)
+    completion = {"model": "relay-demo", "messages": [], "stream": True}
+    for _ in range(3):  # no token, more than --max-streams and --rate-limit allow
+        res = await fetch_stream(rs.url + "/demo/v1/chat/completions", completion)
+        assert res.status == 404 and res.json()["error"]["code"] == "not_found"
+    # Its own server: loopback, another port, and only for the secret the relay presents.
+    served = rs.relay.demo
+    assert served.url.startswith("http://127.0.0.1:") and not served.url.startswith(rs.url)
+    for headers in ({}, {"Authorization": "Bearer guessed"}):
+        res = await fetch_stream(served.url + "/chat/completions", completion, headers=headers)
+        assert res.status == 401 and res.events == []
+    res = await fetch_stream(
+        rs.url + "/aianswer/streamAsk", ASK, headers={"Authorization": "Bearer tok"}
+    )
+    assert res.text() == demo.answer_for(ASK["aiQuestion"])
+    await rs.relay.shutdown()  # stops the demo server too
+    port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+# -- security headers and the page -----------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_security_headers_on_every_response_and_a_strict_csp_on_the_page(relay, fake):
+    fake.script = stream_tokens(["a"])
+    requests = [
+        ("/", None, "GET", 200),
+        ("/static/app.js", None, "GET", 200),
+        ("/static/style.css", None, "GET", 200),
+        ("/aianswer/robots", None, "GET", 200),
+        ("/healthz", None, "GET", 200),
+        ("/metrics", None, "GET", 200),
+        ("/aianswer/streamAsk", ASK, "POST", 200),
+        ("/aianswer/streamAsk", b"{", "POST", 400),
+        ("/aianswer/stream/" + "0" * 32, None, "GET", 404),
+        ("/nope", None, "GET", 404),
+        ("/static/nope.js", None, "GET", 404),
+        ("/healthz", b"", "PUT", 405),
+    ]
+    for path, body, method, code in requests:
+        res = await fetch_stream(relay.url + path, body, method=method)
+        assert res.status == code, path
+        assert res.headers["x-content-type-options"] == "nosniff", path
+        assert res.headers["referrer-policy"] == "no-referrer", path
+    csp = (await fetch_stream(relay.url + "/")).headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["frame-ancestors"] == "'none'"
+    assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+    assert "unsafe" not in csp
+
+
+@pytest.mark.gen_test
+async def test_head_of_the_page_answers_like_get(relay):
+    got = await fetch_stream(relay.url + "/")
+    head = await fetch_stream(relay.url + "/", method="HEAD")
+    assert head.status == got.status == 200
+    assert {**head.headers, "date": ""} == {**got.headers, "date": ""}
+    assert int(head.headers["content-length"]) == len(got.raw) > 0 and head.raw == b""
 
 
 # -- CORS -------------------------------------------------------------------------------------
@@ -277,6 +433,86 @@ async def test_secrets_never_reach_logs_errors_or_responses(make_relay, fake, ca
     everything = logged.encode() + b"\n".join(seen)
     for secret in (key1, key2, token, "tok-DISTINCT-WRONG", question):
         assert secret.encode() not in everything, secret
+
+
+def shared_runs(key: str, text: str) -> list[str]:
+    """The runs of ``SHARED_RUN`` characters of ``key`` found in ``text``, ASCII case ignored;
+    the mask itself is not a leak, so runs across it do not count."""
+    lower = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+    key, pieces = key.translate(lower), text.translate(lower).split(MASK)
+    runs = {key[i : i + SHARED_RUN] for i in range(len(key) - SHARED_RUN + 1)}
+    return [run for run in runs if any(run in piece for piece in pieces)]
+
+
+@pytest.mark.gen_test
+async def test_cut_masked_or_upper_cased_key_echoes_never_reach_the_client(make_relay, fake):
+    key = "sk-UNIQUEMARKER-5f0c2e9a7b31d4aaaa"
+    rs = make_relay(upstream=fake.url, api_keys=(key,))
+    echoes = [
+        "sk-UNIQUEMAR****aaaa",  # as OpenAI echoes a key: its ends, the middle masked
+        key[:-1],
+        key[1:],
+        key.upper(),
+        f"UNIQUEMARKER for {key.lower()[5:20]}",
+        "Authorization: Bearer sk-some-OTHER-key-987",  # not configured, but shaped
+    ]
+    for echo in echoes:
+        fake.script = status(401, f"Incorrect API key provided: {echo}.")
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+        message = res.json()["error"]["message"]
+        assert res.status == 502 and MASK in message, message
+        assert shared_runs(key, message) == [] and "OTHER" not in message, message
+        frame = f"data: {json.dumps({'error': {'message': echo}})}\n\n".encode()
+        fake.script = send_frames([*answer_frames(["a"], finish=False), frame])
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
+        message = json.loads(res.events[-1].data)["error"]["message"]
+        assert shared_runs(key, message) == [] and "OTHER" not in message, message
+
+
+KEY_CHARS = string.ascii_letters + string.digits + "-_"
+
+
+@given(key=st.text(KEY_CHARS, min_size=SHARED_RUN, max_size=60), data=st.data())
+def test_redact_masks_any_run_of_8_shared_with_a_key_in_any_case(key, data):
+    start = data.draw(st.integers(0, len(key) - SHARED_RUN))
+    echo = key[start : data.draw(st.integers(start + SHARED_RUN, len(key)))]
+    echo = data.draw(st.sampled_from([echo, echo.upper(), echo.lower(), echo.swapcase()]))
+    text = data.draw(st.text(max_size=40)) + echo + data.draw(st.text(max_size=40))
+    out = redact(text, ["another-configured-key", key])
+    assert shared_runs(key, out) == [], (text, out)
+
+
+@given(
+    secret=st.text(KEY_CHARS + "*", min_size=4, max_size=60), around=st.text(" ,.:;\n", min_size=1)
+)
+def test_redact_masks_sk_and_bearer_shaped_secrets_whatever_the_keys(secret, around):
+    for shaped in (f"sk-{secret}", f"Bearer {secret}", f"bearer  {secret}"):
+        out = redact(f"key{around}{shaped}{around}end", [])
+        assert secret not in out.split(MASK)[-1] and MASK in out, out
+
+
+@given(key=st.text(KEY_CHARS, min_size=1, max_size=60), text=st.text(max_size=200))
+def test_redact_leaves_text_with_no_secret_alone(key, text):
+    assume(not shared_runs(key, text) and key.lower() not in text.lower())
+    assume("sk-" not in text.lower() and "bearer" not in text.lower())
+    assert redact(text, [key]) == text
+
+
+@pytest.mark.gen_test
+async def test_session_uid_never_reaches_the_logs_in_full(relay, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake.script = status(500)  # the upstream call ends with a log line of its own
+    uid = (await create_session(relay))["uid"]
+    stream, session = f"{relay.url}/aianswer/stream/{uid}", f"{relay.url}/aianswer/sessions/{uid}"
+    assert (await fetch_stream(stream)).events[-1].event == "error"
+    assert (await fetch_stream(stream + "?lastEventId=0")).status == 204  # nothing new
+    assert (await fetch_stream(session, method="DELETE")).status == 204
+    for url in (stream, session, f"{stream}/x", f"{relay.url}/nope/{uid.upper()}?u={uid}"):
+        res = await fetch_stream(url, method="DELETE" if url == session else "GET")
+        assert res.status == 404, url
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged.count(uid[:8]) >= 8  # the capture saw every line (prefix only)
+    assert uid not in logged.lower(), logged
 
 
 @pytest.mark.gen_test

@@ -199,6 +199,42 @@ async def test_demo_answer_appears_complete_and_exact(make_relay, open_chat, tmp
     assert copied == demo.answer_for(question)
 
 
+async def record_console(page, messages: list[str]) -> None:
+    """Keep the page's console errors and warnings (a CSP violation is reported there)."""
+
+    def on_console(message) -> None:
+        if message.type in ("error", "warning"):
+            messages.append(f"{message.type}: {message.text}")
+
+    page.on("console", on_console)
+
+
+INLINE_SCRIPT_RUNS = """() => {
+  const s = document.createElement('script');
+  s.textContent = 'window.inlineRan = true';
+  document.head.append(s);
+  return window.inlineRan === true;
+}"""
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_page_streams_the_demo_under_its_csp_with_no_violation(make_relay, open_chat):
+    rs = make_relay(demo_token_delay=0.001)
+    chat = open_chat()
+    page = chat.page
+    console: list[str] = []
+    await chat.run(record_console(page, console))
+    await chat.run(open_page(page, rs.url))
+    for n, resumable in enumerate((False, True)):  # fetch(), then EventSource
+        await chat.run(page.set_checked("#resumable", resumable))
+        await chat.run(ask(page, "你好"))
+        info = await chat.run(wait_state(page, n, "done", "error"))
+        assert info["error"] is None and info["text"] == demo.answer_for("你好")
+    assert console == [], console
+    # The policy is in force: a script injected inline does not run.
+    assert not await chat.run(page.evaluate(INLINE_SCRIPT_RUNS))
+
+
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_tokens_render_as_text_with_cursor_while_streaming_and_stop_cancels(
     relay, fake, open_chat

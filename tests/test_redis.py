@@ -7,7 +7,9 @@ subprocesses pointed at it and at one redis-server started on a free port.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ import redis
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import IOStream
 
+from relay import demo
 from tests.conftest import (
     ASK,
     create_session,
@@ -205,6 +208,21 @@ async def test_delete_on_b_cancels_the_upstream_call_running_on_a(relays, fake):
     assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_delete_on_b_makes_later_gets_on_a_404_too(make_relay, fake, redis_server):
+    a = make_relay(upstream=fake.url, store=redis_server.url)
+    b = make_relay(upstream=fake.url, store=redis_server.url)
+    fake.script = hang(60)
+    created = await create_session(a)  # A runs the call and keeps the session in memory
+    res = await fetch_stream(b.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 2)  # A has the cancel message
+    for rs in (a, b):
+        res = await fetch_stream(rs.url + created["streamUrl"])
+        assert res.status == 404 and res.json()["error"]["code"] == "not_found", rs.url
+    assert len(a.relay.store) == 0
+
+
 @pytest.mark.gen_test(timeout=40)
 async def test_session_expires_through_redis(relays, fake, redis_server):
     a = await relays("--session-ttl=1", "--prune-interval=0.2")
@@ -248,6 +266,30 @@ async def test_redis_killed_mid_stream_and_restarted(relays, fake, redis_server)
     assert res.text() == "".join(TOKENS)
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_one_shot_stream_never_touches_redis_even_frozen(
+    make_relay, fake, redis_server, caplog
+):
+    rs = make_relay(upstream=fake.url, store=redis_server.url)
+    r = redis_server.client()
+    await eventually(lambda: r.pubsub_numsub("relay:cancel")[0][1] == 1)  # the listener is in
+    before = r.info("commandstats")
+    fake.script = stream_tokens(TOKENS)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK, timeout=5)
+        assert res.text() == "".join(TOKENS)
+        await asyncio.sleep(0.5)  # the handler's end, and whatever it would send
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    await asyncio.sleep(0.2)  # anything queued for Redis is served now
+    after = r.info("commandstats")
+    sent = {name: stats for name, stats in after.items() if before.get(name) != stats}
+    assert set(sent) <= {"cmdstat_info", "cmdstat_pubsub|numsub"}, sent
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    await eventually(lambda: nothing_left(rs))
+
+
 @pytest.mark.gen_test(timeout=40)
 async def test_workers_2_serves_from_both_processes(relays, fake):
     rp = await relays("--workers=2")
@@ -266,6 +308,26 @@ async def test_workers_2_serves_from_both_processes(relays, fake):
     created = await create_session(rp)
     assert (await fetch_stream(rp.url + created["streamUrl"])).text() == "w"
     assert rp.stop() == 0
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_workers_2_without_upstream_each_run_their_own_demo(redis_server, tmp_path):
+    rp = RelayProcess(
+        ["--workers=2", f"--store={redis_server.url}", "--demo-token-delay=0.001"],
+        tmp_path / "relay.log",
+    )
+    try:
+        await rp.ready()
+        results = await asyncio.gather(
+            *(fetch_stream(rp.url + "/aianswer/streamAsk", ASK) for _ in range(6))
+        )
+        assert {r.text() for r in results} == {demo.answer_for(ASK["aiQuestion"])}
+        assert (await fetch_stream(rp.url + "/demo/v1/chat/completions", ASK)).status == 404
+        # One demo server per worker, each on a loopback port of its own.
+        demos = re.findall(r"embedded demo at (http://127\.0\.0\.1:\d+)/", rp.log.read_text())
+        assert len(set(demos)) == 2, demos
+    finally:
+        assert rp.stop() == 0
 
 
 def test_workers_with_the_memory_store_is_refused():

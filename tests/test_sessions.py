@@ -101,6 +101,27 @@ async def test_last_event_id_older_than_kept_events_is_an_error_not_a_gap(make_r
 
 
 @pytest.mark.gen_test
+async def test_first_attach_to_a_trimmed_session_replays_from_the_oldest_kept_event(
+    make_relay, fake
+):
+    rs = make_relay(upstream=fake.url)
+    rs.relay.store.limits = SessionLimits(max_events=5)
+    fake.script = stream_tokens(TOKENS)
+    created = await create_session(rs)
+    session = await rs.relay.store.get(created["uid"])
+    await eventually(lambda: not session.running)
+    assert session.first_seq == 28  # events 1-27 were dropped
+    for url in (created["streamUrl"], created["streamUrl"] + "?lastEventId="):
+        res = await fetch_stream(rs.url + url)
+        assert res.status == 200
+        assert [e.id for e in res.events] == ["28", "29", "30", "31", "32"]
+        assert res.text() == "".join(TOKENS[27:])
+    # An explicit 0 asks for event 1, which is gone: an error, never a silent gap.
+    res = await fetch_stream(rs.url + created["streamUrl"], headers={"Last-Event-ID": "0"})
+    assert json.loads(res.events[0].data)["error"]["code"] == "bad_last_event_id"
+
+
+@pytest.mark.gen_test
 async def test_unknown_uid_is_404(relay):
     res = await fetch_stream(relay.url + "/aianswer/stream/" + "0" * 32)
     assert res.status == 404 and res.json()["error"]["code"] == "not_found"
