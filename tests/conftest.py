@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +25,7 @@ from relay.sessions import Session
 from relay.sse import ServerSentEvent, SSEParser
 from relay.upstream import UpstreamCall
 from tests.fakeupstream import FakeUpstream
+from tests.processes import RelayProcess
 
 
 @dataclass
@@ -69,6 +70,22 @@ def make_relay(io_loop) -> Callable[..., RelayServer]:
 def relay(make_relay, fake) -> RelayServer:
     """A relay in front of the fake upstream."""
     return make_relay(upstream=fake.url)
+
+
+@pytest.fixture
+def relay_process(io_loop, tmp_path) -> Callable[..., Awaitable[RelayProcess]]:
+    """Start ``server.py`` with flags: ``await relay_process(*args)``; stopped at teardown."""
+    started: list[RelayProcess] = []
+
+    async def start(*args: str, nofile: int | None = None) -> RelayProcess:
+        rp = RelayProcess(list(args), tmp_path / f"relay{len(started)}.log", nofile)
+        started.append(rp)
+        await rp.ready()
+        return rp
+
+    yield start
+    for rp in started:
+        rp.stop()
 
 
 @dataclass

@@ -9,32 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
 
 import pytest
 from tornado.iostream import IOStream
 
 from tests.conftest import ASK, create_session, eventually, fetch_stream, nothing_left
 from tests.fakeupstream import answer_frames, send_frames
-from tests.processes import RelayProcess
-
-StartRelay = Callable[..., Awaitable[RelayProcess]]
-
-
-@pytest.fixture
-def relay_process(io_loop, tmp_path) -> StartRelay:
-    """Start ``server.py`` with flags: ``await relay_process(*args)``; stopped at teardown."""
-    started: list[RelayProcess] = []
-
-    async def start(*args: str) -> RelayProcess:
-        rp = RelayProcess(list(args), tmp_path / f"relay{len(started)}.log")
-        started.append(rp)
-        await rp.ready()
-        return rp
-
-    yield start
-    for rp in started:
-        rp.stop()
 
 
 async def raw_get(port: int, path: str, rcvbuf: int = 4096) -> IOStream:

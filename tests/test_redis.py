@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import IOStream
 
 from relay import demo
@@ -33,16 +32,11 @@ from tests.conftest import (
     nothing_left,
 )
 from tests.fakeupstream import hang, stream_tokens
+from tests.processes import RelayProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 TOKENS = [f"片段{i} " for i in range(40)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -97,61 +91,14 @@ def redis_server(tmp_path):
     server.stop()
 
 
-class RelayProcess:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "server.py", f"--port={self.port}", *args],
-            cwd=ROOT,
-            env=env,
-            stderr=log.open("w"),
-        )
-
-    async def ready(self) -> None:
-        client = AsyncHTTPClient(force_instance=True)
-        deadline = time.monotonic() + 15
-        try:
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    await client.fetch(self.url + "/healthz", request_timeout=1)
-                    return
-                except (OSError, HTTPClientError):
-                    assert time.monotonic() < deadline, self.log.read_text()
-                    await asyncio.sleep(0.1)
-        finally:
-            client.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
 @pytest.fixture
-def relays(io_loop, fake, redis_server, tmp_path):
+def relays(relay_process, fake, redis_server):
     """Start relay processes sharing ``redis_server``: ``await relays(*extra_args)``."""
-    started: list[RelayProcess] = []
 
     async def start(*args: str) -> RelayProcess:
-        rp = RelayProcess(
-            [f"--upstream={fake.url}", f"--store={redis_server.url}", *args],
-            tmp_path / f"relay{len(started)}.log",
-        )
-        started.append(rp)
-        await rp.ready()
-        return rp
+        return await relay_process(f"--upstream={fake.url}", f"--store={redis_server.url}", *args)
 
-    yield start
-    for rp in started:
-        rp.stop()
+    return start
 
 
 async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
@@ -311,13 +258,11 @@ async def test_workers_2_serves_from_both_processes(relays, fake):
 
 
 @pytest.mark.gen_test(timeout=40)
-async def test_workers_2_without_upstream_each_run_their_own_demo(redis_server, tmp_path):
-    rp = RelayProcess(
-        ["--workers=2", f"--store={redis_server.url}", "--demo-token-delay=0.001"],
-        tmp_path / "relay.log",
+async def test_workers_2_without_upstream_each_run_their_own_demo(relay_process, redis_server):
+    rp = await relay_process(
+        "--workers=2", f"--store={redis_server.url}", "--demo-token-delay=0.001"
     )
     try:
-        await rp.ready()
         results = await asyncio.gather(
             *(fetch_stream(rp.url + "/aianswer/streamAsk", ASK) for _ in range(6))
         )
