@@ -98,7 +98,7 @@ class ResponseParser:
         lines = data[:end].decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
             raise ProtocolError("malformed status line")
         status = int(code)
         if 100 <= status < 200:  # an interim response: the real one follows
@@ -115,7 +115,7 @@ class ResponseParser:
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
         elif length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise ProtocolError("malformed Content-Length")
             self._state = _LENGTH
             self._remaining = int(length)

@@ -268,7 +268,7 @@ class UpstreamCall:
     def _on_header(self, line: str) -> None:
         if not self._status and line.startswith("HTTP/"):
             parts = line.split(" ", 2)
-            if len(parts) >= 2 and parts[1].isdigit():
+            if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
                 self._status = int(parts[1])
         elif line[:13].lower() == "content-type:":
             # A 200 with a JSON body is a non-streaming answer or an error, not a stream.

@@ -55,6 +55,8 @@ def test_until_close_body_and_bytes_after_a_response():
         b"HTTX/1.1 200 OK\r\n\r\n",
         b"HTTP/1.1 abc OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        "HTTP/1.1 ²00 OK\r\n\r\n".encode("latin-1"),  # str.isdigit() takes "²"; int() does not
+        "HTTP/1.1 200 OK\r\nContent-Length: ²\r\n\r\n".encode("latin-1"),
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY",
         b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 << 10),
