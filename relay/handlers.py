@@ -253,6 +253,9 @@ class EventStreamHandler(AskMixin):
             self.wake()
 
     def on_connection_close(self) -> None:
+        # Tornado's own ends a body still being read; without it the request
+        # would wait for that body until shutdown.
+        super().on_connection_close()
         self._closed = True
         self.wake()
         if self._session is not None:
