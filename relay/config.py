@@ -66,6 +66,9 @@ class Settings:
     max_streams: int = 10000
     rate_limit: int = 0
     send_timeout: float = 30.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
     auth_tokens: Mapping[str, str] = field(default_factory=dict)
     cors_origins: tuple[str, ...] = ()
     store: str = "memory"
@@ -151,6 +154,24 @@ def _define(parser: OptionParser) -> None:
         default=30.0,
         type=float,
         help="seconds a client may leave data undrained",
+    )
+    d(
+        "header_timeout",
+        default=10.0,
+        type=float,
+        help="seconds a client may take to send a request's headers, in all",
+    )
+    d(
+        "body_timeout",
+        default=30.0,
+        type=float,
+        help="seconds a client may take to send a request body, in all",
+    )
+    d(
+        "idle_timeout",
+        default=60.0,
+        type=float,
+        help="seconds a kept-alive connection may wait for its next request",
     )
     d("auth_tokens", type=str, multiple=True, help="token:userId,... (default: open)")
     d("cors_origins", type=str, multiple=True, help="allowed CORS origins")
@@ -263,6 +284,9 @@ def _validate(s: Settings) -> None:
         "upstream_idle_timeout",
         "upstream_timeout",
         "send_timeout",
+        "header_timeout",
+        "body_timeout",
+        "idle_timeout",
         "max_streams",
     )
     for name in positive:
@@ -314,6 +338,9 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         max_streams=o["max_streams"],
         rate_limit=o["rate_limit"],
         send_timeout=o["send_timeout"],
+        header_timeout=o["header_timeout"],
+        body_timeout=o["body_timeout"],
+        idle_timeout=o["idle_timeout"],
         auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),
         cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
         store=o["store"],
