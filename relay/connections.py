@@ -3,6 +3,12 @@
 `make_http_server` builds it, for ``relay/serve.py`` and the tests alike. Over
 Tornado's `HTTPServer` it adds:
 
+- Bounded bodies: Tornado's default limit (100 MB, held in memory by every
+  handler that does not stream its body) becomes `SMALL_BODY` server-wide; the
+  POST routes raise their own limit from ``prepare()``. A larger
+  ``Content-Length`` anywhere else gets Tornado's bare ``400 Bad Request`` and a
+  close, before any of the body is read (a handler that does not stream its
+  body is not called before the body is in).
 - A connection budget (`relay.limits.connection_budget`): the descriptor limit
   less a reserve and one upstream socket per allowed stream. A connection
   accepted over the budget makes room by closing the oldest connection that is
@@ -64,6 +70,11 @@ from relay.metrics import Metrics
 
 log = logging.getLogger("relay.connections")
 
+# The body bound of every route that does not set its own.
+SMALL_BODY = 8 << 10
+# Per-connection read buffer: room for Tornado's 64 KiB header bound plus one
+# 64 KiB read (Tornado's default is 100 MB).
+MAX_BUFFER = 256 << 10
 # Connections accepted per readable event (Tornado's default backlog, as its own handler).
 ACCEPT_BATCH = 128
 FIRST_PAUSE, LONGEST_PAUSE = 0.1, 1.0
@@ -153,7 +164,7 @@ class ConnectionServer(HTTPServer):
     def initialize(  # type: ignore[override]
         self, app: Application, settings: Settings, metrics: Metrics, budget: int
     ) -> None:
-        super().initialize(app)
+        super().initialize(app, max_body_size=SMALL_BODY, max_buffer_size=MAX_BUFFER)
         self.budget = budget
         self.metrics = metrics
         self._timeouts = {

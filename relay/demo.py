@@ -15,9 +15,15 @@ import time
 
 import ujson
 from tornado.iostream import StreamClosedError
-from tornado.web import RequestHandler
+from tornado.web import RequestHandler, stream_request_body
+
+from relay.ask import MAX_BODY
 
 MODEL = "relay-demo"
+# The relay's own request: the client's body (at most MAX_BODY) re-encoded as
+# messages, which can double it (ujson writes each "/" as two bytes), plus roles
+# and the system prompt.
+MAX_REQUEST = 4 * MAX_BODY
 
 ANSWER = (
     "你好！这是中继服务器内置的演示模型给出的回答。"
@@ -68,11 +74,22 @@ def _chunk(completion_id: str, created: int, delta: dict, finish: str | None) ->
     return b"data: " + ujson.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
 
 
+@stream_request_body
 class DemoCompletionsHandler(RequestHandler):
-    """``POST /demo/v1/chat/completions``: the canned answer as an OpenAI event stream."""
+    """``POST /demo/v1/chat/completions``: the canned answer as an OpenAI event stream.
+
+    The request body is never used: it is streamed in and dropped, under a bound
+    of its own above the server-wide one.
+    """
 
     def initialize(self, token_delay: float) -> None:
         self.token_delay = token_delay
+
+    def prepare(self) -> None:
+        self.request.connection.set_max_body_size(MAX_REQUEST)
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
 
     async def post(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")

@@ -161,30 +161,30 @@ class MetricsHandler(BaseHandler):
 class AskMixin(BaseHandler):
     """Reads and validates the POST body of ``streamAsk`` and ``sessions``.
 
-    The body is streamed in so that one over the bound is refused with 413 from
-    its Content-Length, before it is read, and a chunked one stops being kept
-    as soon as it passes the bound.
+    The body is streamed in so that a POST may raise the server-wide body bound
+    (`relay.connections.SMALL_BODY`) to its own, and one over it is refused with
+    413 from its Content-Length, before it is read. Tornado refuses a chunked
+    one as soon as its chunk sizes pass the bound (a bare 400 and a close).
     """
 
     def prepare(self) -> None:
         self._body = bytearray()
-        self._too_large = False
         if self.request.method != "POST":
             return
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BODY:
+        declared = _declared_length(self.request.headers.get("Content-Length", ""))
+        if declared > MAX_BODY:
+            # Over the connection's bound, Tornado would add a bare 400 of its own
+            # after this 413; at the declared length it drops what arrives instead,
+            # until the close that follows a response sent before the body.
+            self.request.connection.set_max_body_size(declared)
             self.send_relay_error(_too_large())
+        else:
+            self.request.connection.set_max_body_size(MAX_BODY)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._too_large or len(self._body) + len(chunk) > MAX_BODY:
-            self._too_large = True
-            self._body.clear()
-        else:
-            self._body += chunk
+        self._body += chunk
 
     def read_ask(self) -> tuple[Ask, Robot]:
-        if self._too_large:
-            raise _too_large()
         ask = parse_ask(bytes(self._body))
         robot = self.relay.settings.robot(ask.robot_id)
         if robot is None:
@@ -539,6 +539,13 @@ def _cursor(raw: str | None) -> int | None:
         return 0
     raw = raw.strip()
     return int(raw) if raw.isdigit() and len(raw) < 19 else None
+
+
+def _declared_length(header: str) -> int:
+    """A Content-Length as a number (capped); 0 when it is not plain digits (Tornado refuses it)."""
+    if not (header.isascii() and header.isdigit()):
+        return 0
+    return int(header) if len(header) <= 18 else 10**18
 
 
 def _too_large() -> RelayError:

@@ -1,4 +1,4 @@
-"""Connection-level attacks on a real relay process: descriptors, slow and idle requests.
+"""Connection-level attacks on a real relay process: descriptors, slow requests, big bodies.
 
 Each relay runs as ``python server.py`` (several with a low RLIMIT_NOFILE), its log
 captured to a file; the attacks come from this process over loopback, bounded in
@@ -389,6 +389,43 @@ def test_tornado_keeps_what_a_request_has_sent_in_the_private_read_buffer_size()
         return size
 
     assert asyncio.run(main()) == len(b"GET /healthz HT")
+
+
+# -- finding 3: bodies on routes that take none -----------------------------------------
+
+BIG = 20 << 20
+
+
+def test_bodies_on_routes_that_take_none_are_refused_before_they_are_read(quick):
+    routes = [
+        (b"GET", b"/healthz"),
+        (b"GET", b"/"),
+        (b"GET", b"/aianswer/robots"),
+        (b"GET", b"/no/such/path"),
+        (b"POST", b"/demo/v1/chat/completions"),
+        (b"POST", b"/aianswer/streamAsk"),
+    ]
+    rss = quick.rss_bytes()
+    heads = {}
+    for method, path in routes:
+        with quick.connect() as sock:
+            sock.sendall(
+                b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (method, path, BIG)
+            )
+            sock.settimeout(2)
+            with contextlib.suppress(TimeoutError):
+                heads[path] = sock.recv(4096)
+            sent, piece, deadline = 0, b"x" * (1 << 20), time.monotonic() + 3
+            with contextlib.suppress(OSError):
+                while sent < BIG and time.monotonic() < deadline:
+                    sent += sock.send(piece)
+    grown = quick.rss_bytes() - rss
+    assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB"
+    for method, path in routes[:-1]:
+        assert heads.get(path, b"").startswith(b"HTTP/1.1 400 "), (path, heads.get(path))
+    head, _, body = heads[b"/aianswer/streamAsk"].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(body)["error"]["code"] == "body_too_large"
 
 
 # -- the budget when nothing can be shed ------------------------------------------------
