@@ -11,6 +11,7 @@ only in when the response is committed and in what a disconnect does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -351,7 +352,11 @@ class EventStreamHandler(AskMixin):
                 reason,
             )
         if not self._closed:
-            self.finish()
+            finished = self.finish()
+            if self._stream is not None and not self._chunked:
+                with contextlib.suppress(StreamClosedError):
+                    await finished
+                self._stream.close()
 
     def _can_push(self) -> bool:
         """Whether wake() may send for the sleeping coroutine: nothing else is due."""
@@ -409,6 +414,13 @@ class EventStreamHandler(AskMixin):
         # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
         # one is delimited by the close. A TLS stream keeps every byte in the IOStream.
         self._chunked = self.request.version == "HTTP/1.1"
+        if not self._chunked:
+            # Ended by the close, so the connection cannot be kept alive; but Tornado
+            # answers a 1.0 "Connection: keep-alive" with "Keep-Alive" (it reads the
+            # request's header object as it writes ours) and keeps the connection
+            # open. Drop that header, say close, and close when the stream ends (pump).
+            self.request.headers.pop("Connection", None)
+            self.set_header("Connection", "close")
         self._socket = None if isinstance(stream, SSLIOStream) else stream.socket
         flushed = self.flush()
         if flushed.done() and flushed.exception() is None:

@@ -428,6 +428,30 @@ def test_bodies_on_routes_that_take_none_are_refused_before_they_are_read(quick)
     assert json.loads(body)["error"]["code"] == "body_too_large"
 
 
+# -- 7c: HTTP/1.0 keep-alive streams ----------------------------------------------------
+
+
+def test_http10_keep_alive_stream_is_closed_when_it_ends(quick):
+    request = (
+        b"POST /aianswer/streamAsk HTTP/1.0\r\nConnection: keep-alive\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(ASK), ASK)
+    )
+    with quick.connect() as sock:
+        sock.sendall(request)
+        data, done_at = b"", None
+        sock.settimeout(5)
+        while chunk := sock.recv(65536):
+            data += chunk
+            if done_at is None and b"data: [DONE]\n\n" in data:
+                done_at = time.monotonic()
+        assert done_at is not None, data[-500:]
+        closed_after = time.monotonic() - done_at
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and b"Keep-Alive" not in head
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert closed_after < 0.5
+
+
 # -- the budget when nothing can be shed ------------------------------------------------
 
 
