@@ -70,6 +70,9 @@ class Settings:
     max_kept_mib: int = 512
     rate_limit: int = 0
     send_timeout: float = 30.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
     auth_tokens: Mapping[str, str] = field(default_factory=dict)
     cors_origins: tuple[str, ...] = ()
     store: str = "memory"
@@ -185,6 +188,24 @@ def _define(parser: OptionParser) -> None:
         type=float,
         help="seconds a client may leave data undrained",
     )
+    d(
+        "header_timeout",
+        default=10.0,
+        type=float,
+        help="seconds a client may take to send a request's headers, in all",
+    )
+    d(
+        "body_timeout",
+        default=30.0,
+        type=float,
+        help="seconds a client may take to send a request body, in all",
+    )
+    d(
+        "idle_timeout",
+        default=60.0,
+        type=float,
+        help="seconds a kept-alive connection may wait for its next request",
+    )
     d("auth_tokens", type=str, multiple=True, help="token:userId,... (default: open)")
     d("cors_origins", type=str, multiple=True, help="allowed CORS origins")
     d("store", default="memory", type=str, help="memory or redis://host:port/db")
@@ -296,6 +317,9 @@ def _validate(s: Settings) -> None:
         "upstream_idle_timeout",
         "upstream_timeout",
         "send_timeout",
+        "header_timeout",
+        "body_timeout",
+        "idle_timeout",
         "max_streams",
         "attach_grace",
         "max_kept_mib",
@@ -360,6 +384,9 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         max_kept_mib=o["max_kept_mib"],
         rate_limit=o["rate_limit"],
         send_timeout=o["send_timeout"],
+        header_timeout=o["header_timeout"],
+        body_timeout=o["body_timeout"],
+        idle_timeout=o["idle_timeout"],
         auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),
         cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
         store=o["store"],

@@ -24,9 +24,15 @@ import ujson
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
-from tornado.web import Application, RequestHandler
+from tornado.web import Application, RequestHandler, stream_request_body
+
+from relay.ask import MAX_BODY
 
 MODEL = "relay-demo"
+# The relay's own request: the client's body (at most MAX_BODY) re-encoded as
+# messages, which can double it (ujson writes each "/" as two bytes), plus roles
+# and the system prompt.
+MAX_REQUEST = 4 * MAX_BODY
 
 ANSWER = (
     "你好！这是中继服务器内置的演示模型给出的回答。"
@@ -101,8 +107,13 @@ class DemoServer:
         await self._server.close_all_connections()
 
 
+@stream_request_body
 class DemoCompletionsHandler(RequestHandler):
-    """``POST /v1/chat/completions``: the canned answer as an OpenAI event stream."""
+    """``POST /v1/chat/completions``: the canned answer as an OpenAI event stream.
+
+    The secret is checked on the headers, before any body is read; the body is
+    never used: it is streamed in and dropped, under a bound of its own.
+    """
 
     def initialize(self, token_delay: float, secret: str) -> None:
         self.token_delay = token_delay
@@ -113,6 +124,11 @@ class DemoCompletionsHandler(RequestHandler):
         if not hmac.compare_digest(presented, f"Bearer {self.secret}".encode()):
             self.set_status(401)
             self.finish({"error": {"message": "the demo answers its own relay only"}})
+            return
+        self.request.connection.set_max_body_size(MAX_REQUEST)
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
 
     async def post(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")

@@ -11,6 +11,7 @@ only in when the response is committed and in what a disconnect does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -181,36 +182,34 @@ class MetricsHandler(BaseHandler):
 class AskMixin(BaseHandler):
     """Reads and validates the POST body of ``streamAsk`` and ``sessions``.
 
-    The body is streamed in so that one over the bound is refused with 413 from
-    its Content-Length, before it is read, and a chunked one stops being kept
-    as soon as it passes the bound.
+    The body is streamed in so that a POST may raise the server-wide body bound
+    (`relay.connections.SMALL_BODY`) to its own, and one over it is refused with
+    413 from its Content-Length, before it is read. Tornado refuses a chunked
+    one as soon as its chunk sizes pass the bound (a bare 400 and a close).
     """
 
     def prepare(self) -> None:
         self._body = bytearray()
-        self._too_large = False
         if self.request.method != "POST":
             return
         length = self.request.headers.get("Content-Length")
-        if length is None:
-            return
-        size = _decimal(length)
+        size = 0 if length is None else _decimal(length)
         if size is None:
             self.send_relay_error(RelayError(400, "bad_request", "bad Content-Length"))
         elif size > MAX_BODY:
+            # Over the connection's bound, Tornado would add a bare 400 of its own
+            # after this 413; at the declared length it drops what arrives instead,
+            # until the close that follows a response sent before the body.
+            self.request.connection.set_max_body_size(size)
             self.send_relay_error(_too_large())
+        else:
+            self.request.connection.set_max_body_size(MAX_BODY)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._too_large or len(self._body) + len(chunk) > MAX_BODY:
-            self._too_large = True
-            self._body.clear()
-        else:
-            self._body += chunk
+        self._body += chunk
 
     def read_ask(self) -> tuple[Robot, bytes]:
         """The validated question's robot and upstream request body; raises `RelayError`."""
-        if self._too_large:
-            raise _too_large()
         ask = parse_ask(bytes(self._body))
         robot = self.relay.settings.robot(ask.robot_id)
         if robot is None:
@@ -383,7 +382,12 @@ class EventStreamHandler(AskMixin):
                 reason,
             )
         if not self._closed:
-            self.finish()
+            finished = self.finish()
+            if self._writer is not None and self.request.version != "HTTP/1.1":
+                # Ended by the close (see _open): close once the last bytes are out.
+                with contextlib.suppress(StreamClosedError):
+                    await finished
+                self._writer.close()
 
     def _can_push(self) -> bool:
         """Whether wake() may send for the sleeping coroutine: nothing else is due."""
@@ -427,8 +431,16 @@ class EventStreamHandler(AskMixin):
             self.write(frame)
         # Tornado chunks an HTTP/1.1 response that has no Content-Length; an HTTP/1.0
         # one is delimited by the close.
+        chunked = self.request.version == "HTTP/1.1"
+        if not chunked:
+            # So the connection cannot be kept alive; but Tornado answers a 1.0
+            # "Connection: keep-alive" with "Keep-Alive" (it reads the request's header
+            # object as it writes ours) and keeps the connection open. Drop that header,
+            # say close, and close when the stream ends (pump).
+            self.request.headers.pop("Connection", None)
+            self.set_header("Connection", "close")
         stream = self.request.connection.stream
-        self._writer = EventWriter(stream, self.request.version == "HTTP/1.1", self.flush())
+        self._writer = EventWriter(stream, chunked, self.flush())
         return not self._writer.blocked
 
     async def _drain(self) -> None:

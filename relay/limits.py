@@ -84,3 +84,17 @@ def fit_descriptors(max_streams: int) -> int:
         )
         return fitting
     return max_streams
+
+
+def connection_budget(max_streams: int) -> int:
+    """How many client connections fit in the descriptor limit.
+
+    Kept back: FD_RESERVE, and one upstream socket for each of ``max_streams``
+    (at most half of the rest, as in `fit_descriptors`, which has run by then in
+    the server), so a stream that is admitted can always connect upstream.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    usable = max(2, soft - FD_RESERVE)
+    return usable - min(max_streams, usable // 2)

@@ -59,6 +59,35 @@ class Metrics:
         self.key_retries = Counter(
             "relay_key_retries", "Upstream calls retried with another key", registry=r
         )
+        self.open_connections = Gauge(
+            "relay_open_connections", "Open client connections", registry=r
+        )
+        self.connection_budget = Gauge(
+            "relay_connection_budget", "Client connections allowed before shedding", registry=r
+        )
+        self.connections_shed = Counter(
+            "relay_connections_shed",
+            "Connections closed to make room for a new one, by what they were doing",
+            ["state"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "relay_connections_refused",
+            "New connections answered 503 and closed: every open one was busy",
+            registry=r,
+        )
+        self.accept_pauses = Counter(
+            "relay_accept_pauses",
+            "Pauses in accepting after accept() failed, by error (EMFILE: out of descriptors)",
+            ["error"],
+            registry=r,
+        )
+        self.connection_timeouts = Counter(
+            "relay_connection_timeouts",
+            "Connections closed by --header-timeout, --body-timeout or --idle-timeout",
+            ["phase"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "relay_time_to_first_token_seconds",
             "From session start to its first relayed event",
@@ -89,6 +118,10 @@ class Metrics:
         self.answers.set_function(answers)
         self.kept_bytes.set_function(kept_bytes)
         self.evicted = evicted
+
+    def bind_connections(self, open_connections: Callable[[], float], budget: int) -> None:
+        self.open_connections.set_function(open_connections)
+        self.connection_budget.set(budget)
 
     def stream_ended(self, reason: str, duration: float) -> None:
         self.streams.labels(reason).inc()

@@ -29,12 +29,12 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from relay.app import make_app
 from relay.config import Settings
+from relay.connections import make_http_server
 from relay.limits import fit_descriptors
 
 log = logging.getLogger("relay")
@@ -120,7 +120,7 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
 async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     port = sockets[0].getsockname()[1]
     app = make_app(settings)
-    server = HTTPServer(app, idle_connection_timeout=75)
+    server = make_http_server(app, settings)
     server.add_sockets(sockets)
     relay = app.settings["relay"]
     upstream = settings.upstream or f"the embedded demo at {relay.upstream.url}"

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 from tornado.web import RequestHandler
 
 from relay.app import Relay, make_app
 from relay.chunks import ChunkRules
 from relay.config import Settings
+from relay.connections import ConnectionServer, make_http_server
 from relay.errors import RelayError
 from relay.http1 import ResponseParser
 from relay.httpclient import CancelHandle, _ResponseReader
@@ -32,7 +32,7 @@ from tests.processes import RelayProcess
 class RelayServer:
     url: str
     relay: Relay
-    server: HTTPServer
+    server: ConnectionServer
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def make_relay(io_loop) -> Callable[..., RelayServer]:
         overrides.setdefault("demo_token_delay", 0.001)
         settings = dataclasses.replace(Settings(), port=port, **overrides)
         app = make_app(settings)
-        server = HTTPServer(app)
+        server = make_http_server(app, settings)
         server.add_sockets([sock])
         rs = RelayServer(url, app.settings["relay"], server)
         started.append(rs)

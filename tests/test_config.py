@@ -66,6 +66,7 @@ def test_shipped_conf_file_loads():
         (["--port"], {}, "--name=value"),
         (["--key-strategy=sometimes"], {}, "--key-strategy"),
         (["--heartbeat=0"], {}, "--heartbeat must be positive"),
+        (["--header-timeout=0"], {}, "--header-timeout must be positive"),
         (["--upstream-keepalive=-1"], {}, "--upstream-keepalive must not be negative"),
         (["--upstream=ftp://x"], {}, "--upstream"),
         (["--auth-tokens=nocolon"], {}, "token:userId"),

@@ -16,11 +16,11 @@ import threading
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
 from relay.app import make_app
 from relay.config import Settings
+from relay.connections import make_http_server
 
 
 class ErrorLog(logging.Handler):
@@ -45,7 +45,7 @@ def threaded_relay():
                 Settings(), port=port, demo_token_delay=0.0, auth_tokens={"tok": "alice"}
             )
             app = make_app(settings)
-            server = HTTPServer(app)
+            server = make_http_server(app, settings)
             server.add_sockets([sock])
             box["stop"] = asyncio.Event()
             box["loop"] = asyncio.get_running_loop()
