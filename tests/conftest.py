@@ -78,7 +78,7 @@ def relay_process(io_loop, tmp_path) -> Callable[..., Awaitable[RelayProcess]]:
     started: list[RelayProcess] = []
 
     async def start(*args: str, nofile: int | None = None) -> RelayProcess:
-        rp = RelayProcess(list(args), tmp_path / f"relay{len(started)}.log", nofile)
+        rp = RelayProcess.start(list(args), tmp_path / f"relay{len(started)}.log", nofile)
         started.append(rp)
         await rp.ready()
         return rp

@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,41 +20,96 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RelayProcess:
-    """``server.py`` on a free port with ``args``; stderr (the log) goes to ``log``.
+def limited(nofile: int | None) -> list[str]:
+    """The command prefix that runs a command with soft and hard RLIMIT_NOFILE at ``nofile``
+    (util-linux's prlimit rather than a preexec_fn, which is unsafe with threads)."""
+    return ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile is not None else []
 
-    ``nofile`` sets a hard descriptor limit for the process (soft = hard), so
-    descriptor exhaustion can be tested with a few hundred connections.
-    """
 
-    def __init__(self, args: list[str], log: Path, nofile: int | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        self.log = log
-        # util-linux's prlimit rather than a preexec_fn, which is unsafe with threads.
-        limit = ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile is not None else []
-        self.proc = subprocess.Popen(
-            [*limit, sys.executable, "server.py", f"--port={self.port}", *args],
-            cwd=ROOT,
-            env=env,
-            stderr=log.open("w"),
-        )
-
-    async def ready(self) -> None:
-        client = AsyncHTTPClient(force_instance=True)
-        deadline = time.monotonic() + 15
+def read_until_close(sock: socket.socket, timeout: float) -> bytes:
+    """Everything ``sock`` receives until the peer closes it (or ``timeout`` passes)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            while True:
-                assert self.proc.poll() is None, self.log.read_text()
-                try:
-                    await client.fetch(self.url + "/healthz", request_timeout=1)
-                    return
-                except (OSError, HTTPClientError):
-                    assert time.monotonic() < deadline, self.log.read_text()
-                    await asyncio.sleep(0.1)
-        finally:
-            client.close()
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+class RelayProcess:
+    """A relay process on ``port`` whose log (stderr) is the file ``log``."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    @classmethod
+    def start(cls, args: list[str], log: Path, nofile: int | None = None) -> RelayProcess:
+        """``server.py`` on a free port with ``args``; ``nofile`` sets a hard descriptor
+        limit (soft = hard), so exhaustion can be tested with a few hundred connections."""
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*limited(nofile), sys.executable, "server.py", f"--port={port}", *args],
+                cwd=ROOT,
+                env=env,
+                stderr=out,
+            )
+        return cls(proc, port, log)
+
+    def serving(self) -> bool:
+        """Whether /healthz answers now; fails the test if the process has died."""
+        assert self.proc.poll() is None, self.log.read_text()
+        try:
+            self.healthz()
+        except OSError:
+            return False
+        return True
+
+    async def ready(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            assert time.monotonic() < deadline, self.log.read_text()
+            await asyncio.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        """`ready` for tests that run no event loop."""
+        deadline = time.monotonic() + timeout
+        while not self.serving():
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=2)
+
+    def exchange(self, request: bytes, timeout: float = 5) -> bytes:
+        """Send ``request`` on a new connection; everything until the server closes it."""
+        with self.connect() as sock:
+            sock.sendall(request)
+            return read_until_close(sock, timeout)
+
+    def healthz(self) -> float:
+        """Seconds a fresh connection takes to get its /healthz answer (blocking)."""
+        started = time.monotonic()
+        with self.connect() as sock:
+            sock.settimeout(1)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        return time.monotonic() - started
+
+    def get(self, path: bytes) -> bytes:
+        """The body of ``GET path`` on a connection of its own (blocking)."""
+        raw = self.exchange(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+        return raw.partition(b"\r\n\r\n")[2]
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time the process has used."""

@@ -11,137 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from tornado.iostream import IOStream, StreamClosedError
 
 from relay.limits import FD_RESERVE
+from tests.processes import ROOT, RelayProcess, limited, read_until_close
 
-ROOT = Path(__file__).resolve().parent.parent
 ASK = json.dumps({"robotId": "1", "aiQuestion": "你好"}).encode()
 
 
-@dataclass
-class Relay:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=2)
-
-    def exchange(self, request: bytes, timeout: float = 5) -> bytes:
-        """Send ``request`` on a new connection; everything until the server closes it."""
-        with self.connect() as sock:
-            sock.sendall(request)
-            return read_until_close(sock, timeout)
-
-    def healthz(self) -> float:
-        """Seconds a fresh connection takes to get its /healthz answer."""
-        started = time.monotonic()
-        with self.connect() as sock:
-            sock.settimeout(1)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = sock.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200 "), head
-        return time.monotonic() - started
-
-    def get(self, path: bytes) -> bytes:
-        raw = self.exchange(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
-        return raw.partition(b"\r\n\r\n")[2]
-
-
-def limited(nofile: int | None) -> list[str]:
-    """The command prefix that runs a command with soft and hard RLIMIT_NOFILE at ``nofile``."""
-    return ["prlimit", f"--nofile={nofile}:{nofile}"] if nofile else []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_relay(log: Path, *flags: str, nofile: int | None = None) -> Relay:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                *limited(nofile),
-                sys.executable,
-                "server.py",
-                f"--port={port}",
-                "--demo-token-delay=0.002",
-                *flags,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    relay = Relay(proc, port, log)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            relay.healthz()
-            return relay
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-
-
-def stop_relay(relay: Relay) -> None:
-    relay.proc.send_signal(signal.SIGTERM)
-    try:
-        relay.proc.wait(timeout=10)
-    finally:
-        relay.proc.kill()
-        relay.proc.wait()
+def start_relay(log: Path, *flags: str, nofile: int | None = None) -> RelayProcess:
+    relay = RelayProcess.start(["--demo-token-delay=0.002", *flags], log, nofile)
+    relay.wait_ready(10)
+    return relay
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> Iterator[Relay]:
+def quick(tmp_path_factory) -> Iterator[RelayProcess]:
     """A relay with short request timeouts and the default descriptor limit."""
     log = tmp_path_factory.mktemp("quick") / "relay.log"
     relay = start_relay(log, "--header-timeout=1", "--body-timeout=1.5", "--idle-timeout=3")
     yield relay
-    stop_relay(relay)
-
-
-def read_until_close(sock: socket.socket, timeout: float) -> bytes:
-    deadline = time.monotonic() + timeout
-    data = b""
-    while True:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
+    relay.stop()
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -171,7 +71,7 @@ def seconds_until_closed(sock: socket.socket, drip: list[bytes], limit: float) -
     raise AssertionError(f"still open after {limit} s")
 
 
-def stream_ask(relay: Relay, timeout: float = 10) -> bytes:
+def stream_ask(relay: RelayProcess, timeout: float = 10) -> bytes:
     request = (
         b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(ASK), ASK)
@@ -179,7 +79,7 @@ def stream_ask(relay: Relay, timeout: float = 10) -> bytes:
     return relay.exchange(request, timeout)
 
 
-def metric(relay: Relay, name: str) -> float:
+def metric(relay: RelayProcess, name: str) -> float:
     """The sum of every sample of ``name`` on /metrics."""
     text = relay.get(b"/metrics").decode()
     return sum(
@@ -198,7 +98,7 @@ SLOW_HEAD = b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: appl
 SLOW_BODY = SLOW_HEAD + b"Content-Length: 1000\r\n\r\n{"
 
 
-def attack(relay: Relay, count: int, seconds: float) -> list[socket.socket]:
+def attack(relay: RelayProcess, count: int, seconds: float) -> list[socket.socket]:
     """Open ``count`` connections (within ``seconds``) that each send part of a request."""
     socks = []
     deadline = time.monotonic() + seconds
@@ -210,12 +110,12 @@ def attack(relay: Relay, count: int, seconds: float) -> list[socket.socket]:
 
 
 @pytest.fixture
-def relays(tmp_path) -> Iterator[list[Relay]]:
+def relays(tmp_path) -> Iterator[list[RelayProcess]]:
     """Relays a test started; stopped when it ends."""
-    started: list[Relay] = []
+    started: list[RelayProcess] = []
     yield started
     for relay in started:
-        stop_relay(relay)
+        relay.stop()
 
 
 def test_descriptor_exhaustion_does_not_spin_or_flood_the_log(tmp_path, relays):
@@ -244,7 +144,7 @@ def test_descriptor_exhaustion_does_not_spin_or_flood_the_log(tmp_path, relays):
             sock.close()
     assert metric(relay, "relay_connections_shed_total") >= 500 - BUDGET
     assert b"data: [DONE]\n\n" in stream_ask(relay)
-    stop_relay(relay)
+    relay.stop()
     # A shed request is gone for good: nothing of it waits for its body until shutdown.
     assert b"ERROR" not in relay.log.read_bytes()
 
@@ -283,7 +183,7 @@ def test_accept_out_of_descriptors_pauses_instead_of_spinning(tmp_path, relays):
             stdout=subprocess.PIPE,
             stderr=out,
         )
-    relay = Relay(proc, int(proc.stdout.readline()), log)
+    relay = RelayProcess(proc, int(proc.stdout.readline()), log)
     relays.append(relay)
     socks: list[socket.socket] = []
     try:
