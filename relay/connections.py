@@ -10,7 +10,8 @@ Tornado's `HTTPServer` it adds:
   close, before any of the body is read (a handler that does not stream its
   body is not called before the body is in).
 - A connection budget (`relay.limits.connection_budget`): the descriptor limit
-  less a reserve and one upstream socket per allowed stream. A connection
+  less a reserve and the upstream descriptors of every allowed stream (two with
+  the embedded demo: the relay's socket and the demo server's end). A connection
   accepted over the budget makes room by closing the oldest connection that is
   still sending its request (its headers or body, or idle between two requests),
   the way nginx reuses connections when ``worker_connections`` runs out. When
@@ -65,7 +66,7 @@ from tornado.web import Application
 
 from relay.config import Settings
 from relay.errors import RelayError
-from relay.limits import connection_budget
+from relay.limits import connection_budget, upstream_descriptors
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.connections")
@@ -342,5 +343,7 @@ def make_http_server(app: Application, settings: Settings) -> ConnectionServer:
         app,
         settings=settings,
         metrics=app.settings["relay"].metrics,
-        budget=connection_budget(settings.max_streams),
+        budget=connection_budget(
+            settings.max_streams, upstream_descriptors(settings.upstream is None)
+        ),
     )

@@ -66,19 +66,26 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def fit_descriptors(max_streams: int) -> int:
+def upstream_descriptors(embedded_demo: bool) -> int:
+    """Descriptors one stream's upstream call holds: its socket, and with the embedded
+    demo upstream (a server in this process) the demo's end of that connection too."""
+    return 2 if embedded_demo else 1
+
+
+def fit_descriptors(max_streams: int, upstream: int = 1) -> int:
     """Raise the descriptor limit; return how many of ``max_streams`` fit in it.
 
-    Each stream holds two sockets (client and upstream). If ``max_streams`` of
-    them would not fit, the returned value is lower and a warning says so.
+    Each stream holds its client socket and ``upstream`` descriptors for its
+    upstream call (`upstream_descriptors`). If ``max_streams`` of them would not
+    fit, the returned value is lower and a warning says so.
     """
     soft = raise_fd_limit()
-    fitting = max(1, (soft - FD_RESERVE) // 2)
+    fitting = max(1, (soft - FD_RESERVE) // (1 + upstream))
     if max_streams > fitting:
         log.warning(
             "--max-streams=%d needs %d descriptors but the limit is %d; using %d",
             max_streams,
-            2 * max_streams + FD_RESERVE,
+            (1 + upstream) * max_streams + FD_RESERVE,
             soft,
             fitting,
         )
@@ -86,15 +93,15 @@ def fit_descriptors(max_streams: int) -> int:
     return max_streams
 
 
-def connection_budget(max_streams: int) -> int:
+def connection_budget(max_streams: int, upstream: int = 1) -> int:
     """How many client connections fit in the descriptor limit.
 
-    Kept back: FD_RESERVE, and one upstream socket for each of ``max_streams``
-    (at most half of the rest, as in `fit_descriptors`, which has run by then in
-    the server), so a stream that is admitted can always connect upstream.
+    Kept back: FD_RESERVE, and ``upstream`` descriptors for each of ``max_streams``
+    (at most what `fit_descriptors`, which has run by then in the server, leaves
+    them), so a stream that is admitted can always connect upstream.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    usable = max(2, soft - FD_RESERVE)
-    return usable - min(max_streams, usable // 2)
+    usable = max(1 + upstream, soft - FD_RESERVE)
+    return usable - min(max_streams, usable // (1 + upstream)) * upstream

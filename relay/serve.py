@@ -35,7 +35,7 @@ from tornado.netutil import bind_sockets
 from relay.app import make_app
 from relay.config import Settings
 from relay.connections import make_http_server
-from relay.limits import fit_descriptors
+from relay.limits import fit_descriptors, upstream_descriptors
 
 log = logging.getLogger("relay")
 
@@ -51,7 +51,9 @@ def run(settings: Settings) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
-    settings = dataclasses.replace(settings, max_streams=fit_descriptors(settings.max_streams))
+    upstream = upstream_descriptors(settings.upstream is None)
+    fitting = fit_descriptors(settings.max_streams, upstream)
+    settings = dataclasses.replace(settings, max_streams=fitting)
     workers = settings.workers or os.cpu_count() or 1
     if workers == 1:
         return _run_loop(_serve(settings, _bind(settings.port, settings.host)))

@@ -66,13 +66,17 @@ class RelayProcess:
         return cls(proc, port, log)
 
     def serving(self) -> bool:
-        """Whether /healthz answers now; fails the test if the process has died."""
+        """Whether /healthz answers 200 now (blocking, 1 s at most); fails the test if the
+        process has died."""
         assert self.proc.poll() is None, self.log.read_text()
         try:
-            self.healthz()
+            with self.connect() as sock:
+                sock.settimeout(1)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = sock.recv(4096)
         except OSError:
             return False
-        return True
+        return head.startswith(b"HTTP/1.1 200 ")
 
     async def ready(self, timeout: float = 15) -> None:
         deadline = time.monotonic() + timeout
@@ -97,13 +101,9 @@ class RelayProcess:
             return read_until_close(sock, timeout)
 
     def healthz(self) -> float:
-        """Seconds a fresh connection takes to get its /healthz answer (blocking)."""
+        """Seconds a fresh connection takes to get its /healthz 200 (blocking)."""
         started = time.monotonic()
-        with self.connect() as sock:
-            sock.settimeout(1)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = sock.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert self.serving(), "/healthz did not answer 200 within 1 s"
         return time.monotonic() - started
 
     def get(self, path: bytes) -> bytes:

@@ -44,6 +44,15 @@ def quick(tmp_path_factory) -> Iterator[RelayProcess]:
     relay.stop()
 
 
+def first_bytes(sock: socket.socket) -> bytes:
+    """What the server sends first (b"" for a reset)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(4096)
+    except ConnectionResetError:
+        return b""
+
+
 def closed_by_peer(sock: socket.socket) -> bool:
     """Whether the server has closed ``sock`` (a FIN or a reset is waiting), without blocking."""
     sock.setblocking(False)
@@ -80,8 +89,12 @@ def stream_ask(relay: RelayProcess, timeout: float = 10) -> bytes:
 
 
 def metric(relay: RelayProcess, name: str) -> float:
-    """The sum of every sample of ``name`` on /metrics."""
-    text = relay.get(b"/metrics").decode()
+    """The sum of every sample of ``name`` on /metrics (waiting while the relay, still
+    closing what a test left, refuses the request: a refusal must not read as 0)."""
+    deadline = time.monotonic() + 5
+    while not (text := relay.get(b"/metrics").decode()).startswith("# HELP"):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -92,8 +105,16 @@ def metric(relay: RelayProcess, name: str) -> float:
 # -- finding 1: descriptor exhaustion ---------------------------------------------------
 
 NOFILE = 256
-# What relay.limits gives a process with NOFILE descriptors: max streams, then connections.
-BUDGET = NOFILE - FD_RESERVE - (NOFILE - FD_RESERVE) // 2
+
+
+def demo_budget(nofile: int) -> int:
+    """The connection budget of a relay with the embedded demo and ``nofile`` descriptors:
+    each stream holds three (client, the relay's upstream socket, the demo's end)."""
+    usable = nofile - FD_RESERVE
+    return usable - 2 * (usable // 3)
+
+
+BUDGET = demo_budget(NOFILE)
 SLOW_HEAD = b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 SLOW_BODY = SLOW_HEAD + b"Content-Length: 1000\r\n\r\n{"
 
@@ -358,11 +379,10 @@ def test_http10_keep_alive_stream_is_closed_when_it_ends(quick):
 def test_new_connection_when_every_connection_is_busy_gets_a_canned_503(tmp_path, relays):
     relay = start_relay(tmp_path / "relay.log", "--demo-token-delay=0.05", nofile=100)
     relays.append(relay)
-    budget = (100 - FD_RESERVE) // 2
     streams = []
     try:
         # The embedded demo upstream has a server of its own: one connection a stream here.
-        for _ in range(budget):
+        for _ in range(demo_budget(100)):
             sock = relay.connect()
             sock.sendall(
                 b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
@@ -387,3 +407,32 @@ def test_new_connection_when_every_connection_is_busy_gets_a_canned_503(tmp_path
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert metric(relay, "relay_connections_refused_total") >= 1
+
+
+def test_embedded_demo_streams_fit_their_three_descriptors_in_the_budget(tmp_path, relays):
+    # Regression: the descriptor sums counted two a stream, but a demo stream holds
+    # three, so as many demo streams as the old sums allowed ran the process out of
+    # descriptors (the demo server's accept then failed on every loop turn).
+    relay = start_relay(tmp_path / "relay.log", "--demo-token-delay=0.05", nofile=400)
+    relays.append(relay)
+    streams = []
+    try:
+        for _ in range((400 - FD_RESERVE) // 2):  # what the old sums let in
+            sock = relay.connect()
+            sock.sendall(
+                b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(ASK), ASK)
+            )
+            streams.append(sock)
+        # The rest are refused: a canned 503, or a reset if the request came after it.
+        served = sum(first_bytes(sock).startswith(b"HTTP/1.1 200 ") for sock in streams)
+    finally:
+        for sock in streams:
+            sock.close()
+    assert 0 < served <= demo_budget(400)
+    deadline = time.monotonic() + 5  # until the relay has seen those clients leave
+    while not relay.serving():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    text = relay.log.read_text()
+    assert "Traceback" not in text and "Too many open files" not in text, text[-2000:]
