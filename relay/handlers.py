@@ -417,12 +417,13 @@ class EventStreamHandler(AskMixin):
         Tornado's ``flush()`` and creates the `EventWriter`; later ones are one
         body chunk each.
         """
+        size = sum(map(len, frames))
         metrics = self.relay.metrics
         metrics.events += events
-        metrics.bytes_out += sum(map(len, frames))
+        metrics.bytes_out += size
         if self._writer is None:
             return self._open(frames)
-        return self._writer.send(frames)
+        return self._writer.send(frames, size)
 
     def _open(self, frames: list[bytes]) -> bool:
         if not self._committed:

@@ -50,14 +50,14 @@ class EventWriter:
         """Whether bytes are still queued: send nothing more before `drain`."""
         return self._draining is not None
 
-    def send(self, frames: list[bytes]) -> bool:
-        """Send ``frames`` as one body chunk; True when the socket took all of it.
+    def send(self, frames: list[bytes], size: int) -> bool:
+        """Send ``frames`` (``size`` bytes in all) as one body chunk; True when the socket
+        took all of it.
 
         Otherwise the rest is queued and the writer is `blocked`. A socket error
         closes the stream, which Tornado reports to the handler as a disconnect.
         """
         self.last_write = time.monotonic()
-        size = sum(map(len, frames))
         if not size:
             return True  # an empty chunk would end the response
         if self._chunked:
