@@ -8,7 +8,9 @@ Scenarios (see docs/benchmarks.md): a) 1,000 streams at 50 tokens/s, 200 tokens;
 streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,000 streams at
 50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
 f) short streams (one token each), for the CPU cost of a new stream; g) 100 streams at 50
-tokens/s, for the time to first token the relay adds when it is not busy.
+tokens/s, for the time to first token the relay adds when it is not busy; h) scenario a's
+load on the relay alone and again under attack (`relay.attack`: 2,000 slow-body connections
+and 100 session POSTs a second that nobody reads).
 
 Targets are each run in a fresh process: the fake upstream (always), then for each target in
 turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
@@ -82,6 +84,17 @@ SCENARIOS = {
             targets=("relay",),
         ),
         Scenario("g", "time to first token added: 100 streams at 50 tokens/s", 100, 200, 20, 15, 3),
+        Scenario(
+            "h",
+            "under attack: 1,000 streams at 50 tokens/s, beside 2,000 slow-body connections "
+            "and 100 unread session POSTs a second",
+            1000,
+            200,
+            20,
+            20,
+            5,
+            targets=("relay", "relay-attacked"),
+        ),
     )
 }
 
@@ -267,6 +280,9 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     sampler = Sampler(target)
     sampler.start()
     out = workdir / f"{sc.key}-{target.name}.json"
+    attacker = (
+        start_attack(target, sc.ramp + sc.duration) if target.name.endswith("attacked") else None
+    )
     subprocess.run(
         [
             PY,
@@ -289,6 +305,7 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     )
     sampler.stop_event.set()
     sampler.join()
+    attack = json.loads(attacker.communicate(timeout=120)[0] or "{}") if attacker else None
     pids = target.pids()
     cpu = sum(proc_cpu(p) for p in pids) - cpu_before if pids else 0.0
     result = json.loads(out.read_text())
@@ -310,7 +327,18 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
         "errors_by_kind": result["errors"]["by_kind"],
         "exact": f"{result['exactness']['exact']}/{result['exactness']['checked']}",
         "loadgen_cpu_percent": result["cpu"]["max_percent_of_core"],
+        "attack": attack,
     }
+
+
+def start_attack(target: Target, duration: float) -> subprocess.Popen:
+    """`relay.attack` against ``target`` for ``duration`` seconds; its JSON on stdout."""
+    return subprocess.Popen(
+        [PY, "-m", "relay.attack", f"--url={target.url}", f"--duration={duration}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -390,6 +418,11 @@ def markdown(results: dict) -> str:
             if sc.tokens == 1:
                 note += f" CPU per new stream, all costs: {relay['cpu_ms_per_stream']:.2f} ms."
             lines += ["", note]
+        attacked = by_target.get("relay-attacked")
+        if attacked and attacked.get("attack") is not None:
+            seen = json.dumps(attacked["attack"])
+            note = f"Under attack, /healthz at most {attacked['health_max_ms']:.0f} ms"
+            lines += ["", f"{note}; what the attacker saw (last run): `{seen}`."]
         lines.append("")
     return "\n".join(lines)
 
