@@ -43,15 +43,21 @@ class Attack:
         self.deadline = time.monotonic() + duration
         self.counts: Counter[str] = Counter()
 
+    async def _connect(self, kind: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A new connection, or None (counted, after a pause) when it cannot be had."""
+        try:
+            return await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            self.counts[f"{kind}_connect_failed"] += 1
+            await asyncio.sleep(0.5)
+            return None
+
     async def slow(self) -> None:
         """One slow-body client, reconnecting whenever the server closes it."""
         while time.monotonic() < self.deadline:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                self.counts["slow_connect_failed"] += 1
-                await asyncio.sleep(0.5)
+            if (opened := await self._connect("slow")) is None:
                 continue
+            reader, writer = opened
             self.counts["slow_opened"] += 1
             try:
                 writer.write(SLOW_HEAD)
@@ -76,12 +82,9 @@ class Attack:
         interval = 1 / per_s
         next_at = time.monotonic()  # the last slot used; the next is one interval on
         while next_at + interval < self.deadline:
-            try:
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                self.counts["flood_connect_failed"] += 1
-                await asyncio.sleep(0.5)
+            if (opened := await self._connect("flood")) is None:
                 continue
+            reader, writer = opened
             try:
                 while (next_at := next_at + interval) < self.deadline:
                     await asyncio.sleep(max(0.0, next_at - time.monotonic()))
