@@ -38,8 +38,8 @@ log = logging.getLogger("relay.stream")
 access_log = logging.getLogger("relay.access")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
-RETRY_FRAME = encode_retry(3000)
-PING_FRAME = encode_comment("ping")
+RETRY_LINE = encode_retry(3000)
+PING_LINE = encode_comment("ping")
 ANONYMOUS = "anonymous"
 # On every response: no MIME sniffing (a JSON body is never taken for a script or a page)
 # and no Referer sent on from the page.
@@ -306,7 +306,7 @@ class EventStreamHandler(AskMixin):
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        self.write(RETRY_FRAME)
+        self.write(RETRY_LINE)
 
     async def pump(self, session: Session, after: int) -> None:
         """Relay ``session`` from cursor ``after`` until it ends or the client leaves.
@@ -354,7 +354,7 @@ class EventStreamHandler(AskMixin):
                     break
                 if self._ping_due:
                     self._ping_due = False
-                    self._send([PING_FRAME], 0)
+                    self._send([PING_LINE], 0)
                     continue
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter

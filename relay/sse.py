@@ -1,8 +1,9 @@
 """Server-Sent Events wire format: an incremental parser and an encoder.
 
 Pure, standard-library-only code with no I/O: bytes from upstream go into
-`SSEParser.feed()` and complete `ServerSentEvent`s come out; `encode_event()`,
-`encode_comment()` and `encode_retry()` build frames to send downstream.
+`SSEParser.feed()` and complete `ServerSentEvent`s come out; `encode_event()`
+builds event frames to send downstream, and `encode_comment()` and
+`encode_retry()` build lines that open the next event's block.
 
 The parser follows WHATWG HTML "9.2.5 Parsing an event stream" and "9.2.6
 Interpreting an event stream"
@@ -19,6 +20,15 @@ quote the rule each piece implements. Intentional divergences:
   in httpx-sse it carries a valid `retry` field from the event's own block.
 - An empty `retry` value is ignored (there is no integer to interpret), and so
   is one with more digits than Python's `int()` accepts (4300 by default).
+- The encoder writes for parsers that are less exact than the spec, in a layout
+  that stays exact for a WHATWG parser. The openai SDK's decoder, httpx-sse and
+  fetch-event-source dispatch an event at every blank line, even one with no
+  data, so a comment or ``retry`` is never a block of its own: `encode_comment`
+  and `encode_retry` give one line, which joins the block of the next event.
+  fetch-event-source records an ``id:`` as soon as it reads the line, so the
+  ``id:`` line comes last in an event, right before its blank line: a cut
+  connection resumes from an event it has seen whole (the one-byte window
+  between that line and the blank line excepted).
 - The encoder cannot represent a CR inside data (a CR always ends a line), so
   CR and CRLF in data are written as line breaks and read back as LF. It
   rejects CR/LF in `event`/`id` and NULL in `id` instead of emitting a frame
@@ -279,10 +289,12 @@ def encode_event(
 ) -> bytes:
     """Encode one complete event frame as UTF-8, ending with a blank line.
 
-    Each line of `data` (split on CRLF, CR or LF) becomes its own `data:`
-    line, always written with one space after the colon so that a line which
-    itself starts with a space survives the parser's space stripping. Empty
-    data gives one empty `data:` line, which still dispatches an event.
+    Fields come in the order ``event``, ``retry``, ``data`` lines, ``id`` (the
+    module docstring says why ``id`` is last). Each line of `data` (split on
+    CRLF, CR or LF) becomes its own `data:` line, always written with one space
+    after the colon so that a line which itself starts with a space survives
+    the parser's space stripping. Empty data gives one empty `data:` line,
+    which still dispatches an event.
     """
     if (
         event is None
@@ -292,11 +304,15 @@ def encode_event(
         and "\r" not in data
     ):
         # The relay's hot path: a numbered one-line event (an upstream JSON chunk).
-        return b"id: %d\ndata: %s\n\n" % (id, data.encode())
+        return b"data: %s\nid: %d\n\n" % (data.encode(), id)
     parts: list[str] = []
     if event is not None:
         _check_no_line_break("event", event)
         parts.append(f"event: {event}\n")
+    if retry is not None:
+        parts.append(_retry_line(retry))
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        parts.append(f"data: {line}\n")
     if id is not None:
         id = str(id)
         _check_no_line_break("id", id)
@@ -304,23 +320,28 @@ def encode_event(
             # The receiver would ignore the whole field.
             raise ValueError(f"SSE id must not contain NULL: {id!r}")
         parts.append(f"id: {id}\n")
-    if retry is not None:
-        parts.append(_retry_line(retry))
-    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        parts.append(f"data: {line}\n")
     parts.append("\n")
     return "".join(parts).encode("utf-8")
 
 
 def encode_comment(text: str = "") -> bytes:
-    """Encode a comment frame (e.g. a keep-alive); receivers ignore it."""
+    """Encode a comment line (e.g. a keep-alive); receivers ignore it.
+
+    No blank line follows: the comment joins the next event's block, where
+    every parser skips it, instead of being a block that some parsers dispatch
+    as an event with empty data.
+    """
     _check_no_line_break("comment", text)
-    return f": {text}\n\n".encode()
+    return f": {text}\n".encode()
 
 
 def encode_retry(ms: int) -> bytes:
-    """Encode a frame that only sets the reconnection time, in milliseconds."""
-    return f"{_retry_line(ms)}\n".encode()
+    """Encode a ``retry`` line (the reconnection time, in milliseconds).
+
+    Like `encode_comment`, a line that opens the next event's block, never a
+    block of its own.
+    """
+    return _retry_line(ms).encode()
 
 
 def _retry_line(ms: int) -> str:

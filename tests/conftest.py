@@ -116,6 +116,22 @@ class StreamResult:
         return "".join(out)
 
 
+def assert_every_block_is_an_event(raw: bytes) -> None:
+    """The framing every popular parser reads right (docs/api.md, "The event stream").
+
+    The openai SDK's decoder, httpx-sse and fetch-event-source dispatch at every
+    blank line, so each block must hold data; fetch-event-source takes an id as
+    soon as it reads the line, so the id must be the block's last line.
+    """
+    *blocks, _tail = raw.replace(b"\r\n", b"\n").split(b"\n\n")
+    for i, block in enumerate(blocks):
+        lines = [line for line in block.split(b"\n") if not line.startswith(b":")]
+        assert any(line.startswith(b"data:") for line in lines), block
+        ids = [n for n, line in enumerate(lines) if line.startswith(b"id:")]
+        assert ids in ([], [len(lines) - 1]), block
+        assert i == 0 or not any(line.startswith(b"retry:") for line in lines), block
+
+
 async def fetch_stream(
     url: str,
     body: dict | bytes | None = None,

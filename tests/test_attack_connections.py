@@ -164,7 +164,7 @@ def test_descriptor_exhaustion_does_not_spin_or_flood_the_log(tmp_path, relays):
         for sock in socks:
             sock.close()
     assert metric(relay, "relay_connections_shed_total") >= 500 - BUDGET
-    assert b"data: [DONE]\n\n" in stream_ask(relay)
+    assert re.search(rb"data: \[DONE\]\nid: \d+\n\n", stream_ask(relay))
     relay.stop()
     # A shed request is gone for good: nothing of it waits for its body until shutdown.
     assert b"ERROR" not in relay.log.read_bytes()
@@ -363,13 +363,13 @@ def test_http10_keep_alive_stream_is_closed_when_it_ends(quick):
         sock.settimeout(5)
         while chunk := sock.recv(65536):
             data += chunk
-            if done_at is None and b"data: [DONE]\n\n" in data:
+            if done_at is None and re.search(rb"data: \[DONE\]\nid: \d+\n\n", data):
                 done_at = time.monotonic()
         assert done_at is not None, data[-500:]
         closed_after = time.monotonic() - done_at
     head, _, body = data.partition(b"\r\n\r\n")
     assert b"\r\nConnection: close" in head and b"Keep-Alive" not in head
-    assert body.endswith(b"data: [DONE]\n\n")
+    assert re.search(rb"data: \[DONE\]\nid: \d+\n\n$", body)
     assert closed_after < 0.5
 
 

@@ -13,7 +13,13 @@ from tornado.iostream import IOStream
 
 from relay.app import watchdog_interval
 from relay.config import Settings
-from tests.conftest import ASK, eventually, fetch_stream, nothing_left
+from tests.conftest import (
+    ASK,
+    assert_every_block_is_an_event,
+    eventually,
+    fetch_stream,
+    nothing_left,
+)
 from tests.fakeupstream import (
     answer_frames,
     by_key,
@@ -265,4 +271,5 @@ async def test_heartbeat_pings_on_silence(make_relay, fake):
     )
     res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
     assert res.text() == "ab"
-    assert b": ping\n\n" in res.raw
+    assert b": ping\n" in res.raw
+    assert_every_block_is_an_event(res.raw)  # a ping is a line, never a block of its own

@@ -169,13 +169,13 @@ def test_refuses_a_non_loopback_host_without_allow_host(capsys):
 
 @pytest.mark.gen_test(timeout=10)
 async def test_response_parser_takes_any_split_of_a_chunked_event_stream():
-    frames = [b"retry: 3000\n\n"]
+    frames = [b"retry: 3000\n"]
     frames += [
-        b'id: %d\ndata: {"t":%f,"choices":[{"delta":{"content":%s}}]}\n\n'
-        % (i + 1, time.time(), json.dumps(fakeupstream.token(i)).encode())
+        b'data: {"t":%f,"choices":[{"delta":{"content":%s}}]}\nid: %d\n\n'
+        % (time.time(), json.dumps(fakeupstream.token(i)).encode(), i + 1)
         for i in range(12)
     ]
-    frames.append(b"id: 13\ndata: [DONE]\n\n")
+    frames.append(b"data: [DONE]\nid: 13\n\n")
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in frames) + b"0\r\n\r\n"
     wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
 

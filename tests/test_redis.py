@@ -146,7 +146,7 @@ async def test_delete_on_b_cancels_the_upstream_call_running_on_a(relays, fake):
     reader = IOStream(socket.socket())
     await reader.connect(("127.0.0.1", a.port))
     await reader.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % created["streamUrl"].encode())
-    await asyncio.wait_for(reader.read_until(b"retry: 3000\n\n"), 5)  # attached on A
+    await asyncio.wait_for(reader.read_until(b"retry: 3000\n"), 5)  # attached on A
     res = await fetch_stream(b.url + f"/aianswer/sessions/{created['uid']}", method="DELETE")
     assert res.status == 204
     await asyncio.wait_for(fake.disconnected.wait(), 2)

@@ -21,8 +21,7 @@ async def read_until_id(rs, stream_url: str, last_id: int, headers: bytes = b"")
     stream = IOStream(socket.socket())
     await stream.connect(("127.0.0.1", int(rs.url.rsplit(":", 1)[1])))
     await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (stream_url.encode(), headers))
-    data = await stream.read_until(b"id: %d\n" % last_id)
-    data += await stream.read_until(b"\n\n")
+    data = await stream.read_until(b"\nid: %d\n\n" % last_id)  # the id line ends an event
     stream.close()
     return data
 
@@ -152,7 +151,7 @@ async def test_stream_attached_before_the_first_event_gets_headers_and_retry_at_
     stream = IOStream(socket.socket())
     await stream.connect(("127.0.0.1", int(relay.url.rsplit(":", 1)[1])))
     await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % created["streamUrl"].encode())
-    head = await asyncio.wait_for(stream.read_until(b"retry: 3000\n\n"), 2)
+    head = await asyncio.wait_for(stream.read_until(b"retry: 3000\n"), 2)
     assert head.startswith(b"HTTP/1.1 200")
     stream.close()
 
@@ -225,7 +224,7 @@ def test_session_keeps_bounded_events_and_reports_trimmed_cursors():
     assert s.last_seq == 5
     assert not s.check_cursor(1) and s.check_cursor(2) and not s.check_cursor(6)
     frames = s.read(Reader(), 2)
-    assert frames[0] == b"id: 3\ndata: e2\n\n" and len(frames) == 3
+    assert frames[0] == b"data: e2\nid: 3\n\n" and len(frames) == 3
 
 
 def test_one_shot_session_drops_what_its_reader_took():

@@ -382,8 +382,10 @@ def test_encode_event_simple() -> None:
 
 
 def test_encode_event_field_order() -> None:
+    # id last: fetch-event-source takes an id as soon as it reads the line.
     frame = encode_event("x", event="delta", id=7, retry=1000)
-    assert frame == b"event: delta\nid: 7\nretry: 1000\ndata: x\n\n"
+    assert frame == b"event: delta\nretry: 1000\ndata: x\nid: 7\n\n"
+    assert encode_event("x", id=7) == b"data: x\nid: 7\n\n"  # the hot path agrees
 
 
 def test_encode_event_multiline_data() -> None:
@@ -429,9 +431,11 @@ def test_encode_event_rejects_negative_retry() -> None:
 
 
 def test_encode_comment() -> None:
-    assert encode_comment("keep-alive") == b": keep-alive\n\n"
-    assert encode_comment() == b": \n\n"
-    assert parse(encode_comment("keep-alive")) == []
+    # A line, not a block: parsers that dispatch at every blank line see nothing.
+    assert encode_comment("keep-alive") == b": keep-alive\n"
+    assert encode_comment() == b": \n"
+    frames = encode_comment("keep-alive") + encode_event("a", id=1)
+    assert parse(frames) == [ServerSentEvent(data="a", id="1")]
 
 
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb"])
@@ -442,10 +446,12 @@ def test_encode_comment_rejects_line_break(bad: str) -> None:
 
 def test_encode_retry() -> None:
     frame = encode_retry(2500)
-    assert frame == b"retry: 2500\n\n"
+    assert frame == b"retry: 2500\n"
     parser = SSEParser()
     assert parser.feed(frame) == []
     assert parser.retry == 2500
+    # It opens the next event's block rather than dispatching one of its own.
+    assert parser.feed(encode_event("a", id=1)) == [ServerSentEvent(data="a", id="1", retry=2500)]
 
 
 def test_encode_retry_rejects_negative() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 
@@ -13,7 +14,13 @@ from tornado.iostream import IOStream
 from relay import demo
 from relay.http1 import ResponseParser
 from relay.sse import ServerSentEvent, SSEParser
-from tests.conftest import ASK, StreamResult, eventually, fetch_stream
+from tests.conftest import (
+    ASK,
+    StreamResult,
+    assert_every_block_is_an_event,
+    eventually,
+    fetch_stream,
+)
 from tests.fakeupstream import answer_frames, chunk, send_frames, stream_tokens
 
 TOKENS = ["尊敬", "的", "用户", "，", "\n\n", " ", "Hello", " world", "！", "\n"]
@@ -34,7 +41,8 @@ async def test_response_headers_and_retry_first(relay):
     assert res.headers["content-type"] == "text/event-stream; charset=utf-8"
     assert res.headers["cache-control"] == "no-cache"
     assert res.headers["x-accel-buffering"] == "no"
-    assert res.raw.startswith(b"retry: 3000\n\n")
+    assert res.raw.startswith(b"retry: 3000\ndata: ")  # retry opens the first event
+    assert_every_block_is_an_event(res.raw)
     assert res.retry == 3000
 
 
@@ -235,7 +243,7 @@ async def test_http10_client_gets_an_unchunked_stream_ended_by_close(relay, fake
     raw = await stream.read_until_close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
-    assert body.startswith(b"retry: 3000\n\n")
+    assert body.startswith(b"retry: 3000\n")
     assert answer_text(SSEParser().feed(body)) == "你好\n"
 
 
@@ -267,8 +275,8 @@ async def test_a_finished_stream_sends_one_terminating_chunk_and_the_connection_
     # before Tornado's: clients saw the end early and 5 stray bytes broke keep-alive.
     stream = await raw_exchange(relay, post("HTTP/1.1"))
     await stream.read_until(b"data: [DONE]\n")
-    # The event's end, its chunk's end, the last chunk; then the next answer's head.
-    assert await stream.read_until(b"0\r\n\r\n") == b"\n\r\n0\r\n\r\n"
+    # The event's id and end, its chunk's end, the last chunk; then the next answer's head.
+    assert re.fullmatch(rb"id: \d+\n\n\r\n0\r\n\r\n", await stream.read_until(b"0\r\n\r\n"))
     await stream.write(post("HTTP/1.1"))
     assert (await stream.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
     stream.close()
