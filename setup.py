@@ -8,8 +8,15 @@ setup(
     description="SSE relay for LLM chat streaming on Tornado",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["relay", "relay.*"]),
-    py_modules=["server"],
+    # The page and the default robots live at the repository's top level (static/, conf/),
+    # where the layout keeps them; these mappings put them in the wheel as package data,
+    # relay/static and relay/conf, with no copy and no build step (relay/resources.py finds
+    # them in either place). server.py stays out of the wheel: it is the checkout's entry
+    # point, and a top-level `server` module would clash with any other.
+    packages=[*find_packages(include=["relay", "relay.*"]), "relay.static", "relay.conf"],
+    package_dir={"relay.static": "static", "relay.conf": "conf"},
+    package_data={"relay": ["py.typed"], "relay.static": ["**/*"], "relay.conf": ["relay.conf"]},
+    entry_points={"console_scripts": ["tornado-llm-relay = relay.serve:main"]},
     python_requires=">=3.11",
     install_requires=[
         "tornado>=6.3",
@@ -31,6 +38,8 @@ setup(
             "playwright>=1.40",
             # A throwaway CA and certificate for the HTTPS upstream tests.
             "trustme>=1.1",
+            # tests/test_install.py builds the sdist and wheel as a user would.
+            "build>=1",
         ],
     },
 )

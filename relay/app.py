@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -16,8 +17,9 @@ from relay import demo, handlers
 from relay.admission import Admission
 from relay.config import Settings
 from relay.errors import RelayError
-from relay.limits import RateLimiter
+from relay.limits import RateLimiter, fit_descriptors, upstream_descriptors
 from relay.metrics import Metrics
+from relay.resources import STATIC_DIR
 from relay.sessions import MemoryStore
 from relay.upstream import Upstream
 
@@ -53,6 +55,10 @@ class Relay:
             upstream_url = self.demo.url
             # Its secret is the one key sent to it (never a key meant for a real model server).
             settings = dataclasses.replace(settings, api_keys=(self.demo.secret,))
+        # --max-streams as the descriptor limit allows (and raised to its hard limit).
+        upstream = upstream_descriptors(self.demo is not None)
+        fitting = fit_descriptors(settings.max_streams, upstream)
+        settings = dataclasses.replace(settings, max_streams=fitting)
         self.settings = settings
         self.metrics = Metrics()
         self.store = make_store(settings)
@@ -165,7 +171,7 @@ def make_app(settings: Settings) -> Application:
     app = RelayApplication(
         routes,
         default_handler_class=handlers.NotFoundHandler,
-        static_path=handlers.STATIC_DIR,
+        static_path=os.fspath(STATIC_DIR),
         static_handler_class=handlers.StaticHandler,
         relay=relay,
     )

@@ -22,7 +22,8 @@ from typing import Any
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
-DEFAULT_CONFIG = "conf/relay.conf"
+from relay.resources import default_config
+
 ENV_PREFIX = "RELAY_"
 
 
@@ -63,7 +64,7 @@ class Settings:
     upstream_idle_timeout: float = 60.0
     upstream_timeout: float = 600.0
     upstream_keepalive: float = 15.0
-    max_streams: int = 10000
+    max_streams: int = 0  # 0: as many as the descriptor limit holds, at most 10,000
     max_answers_per_user: int = 8
     max_answers_per_address: int = 0
     attach_grace: float = 30.0
@@ -96,7 +97,7 @@ def _define(parser: OptionParser) -> None:
     d(
         "config",
         type=str,
-        help="TOML config file (default conf/relay.conf when present)",
+        help="TOML config file (default ./conf/relay.conf when present, else the packaged one)",
     )
     d("host", default="127.0.0.1", type=str, help="address to listen on")
     d("port", default=8888, type=int, help="port to listen on")
@@ -148,9 +149,10 @@ def _define(parser: OptionParser) -> None:
     )
     d(
         "max_streams",
-        default=10000,
+        default=0,
         type=int,
-        help="concurrent client streams plus upstream calls with no stream",
+        help="concurrent client streams plus upstream calls with no stream"
+        " (0: as many as the descriptor limit holds, at most 10000)",
     )
     d(
         "max_answers_per_user",
@@ -320,7 +322,6 @@ def _validate(s: Settings) -> None:
         "header_timeout",
         "body_timeout",
         "idle_timeout",
-        "max_streams",
         "attach_grace",
         "max_kept_mib",
     )
@@ -328,6 +329,7 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     for name in (
+        "max_streams",
         "pace_ms",
         "rate_limit",
         "workers",
@@ -357,7 +359,8 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
     # The config file's name itself follows the same precedence.
     named = {parser_name.replace("-", "_"): v for parser_name, v, _ in env + flags}
     path = named.get("config")
-    data = _read_file(path or DEFAULT_CONFIG, explicit=path is not None)
+    file = path or default_config()
+    data = _read_file(file, explicit=path is not None)
     _apply_file(parser, data)
     _apply_strings(parser, env)
     _apply_strings(parser, flags)
@@ -391,7 +394,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
         store=o["store"],
         workers=o["workers"],
-        robots=_robots(data.get("robots"), path or DEFAULT_CONFIG),
+        robots=_robots(data.get("robots"), file),
         demo_token_delay=o["demo_token_delay"],
     )
     _validate(settings)

@@ -337,8 +337,10 @@ def tick_interval(settings: Settings) -> float:
     return min(max(shortest / 4, 0.05), 1.0)
 
 
-def make_http_server(app: Application, settings: Settings) -> ConnectionServer:
+def make_http_server(app: Application) -> ConnectionServer:
     """The relay's HTTP server for ``app``: call ``add_sockets`` on it to serve."""
+    # The settings as the app resolved them (--max-streams fitted to the descriptor limit).
+    settings = app.settings["relay"].settings
     return ConnectionServer(
         app,
         settings=settings,

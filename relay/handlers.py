@@ -26,6 +26,7 @@ from relay.admission import Refused
 from relay.ask import MAX_BODY, parse_ask
 from relay.config import Robot
 from relay.errors import RelayError
+from relay.resources import STATIC_DIR
 from relay.sessions import Session
 from relay.sse import encode_comment, encode_event, encode_retry
 from relay.upstream import build_payload
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.stream")
 access_log = logging.getLogger("relay.access")
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 RETRY_LINE = encode_retry(3000)
 PING_LINE = encode_comment("ping")
 ANONYMOUS = "anonymous"
@@ -128,7 +128,7 @@ class IndexHandler(BaseHandler):
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("Content-Security-Policy", PAGE_CSP)
-        with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
+        with open(STATIC_DIR / "index.html", "rb") as f:
             self.write(f.read())
 
     head = get  # the same status and headers; Tornado sends no body for HEAD

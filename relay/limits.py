@@ -11,6 +11,8 @@ log = logging.getLogger("relay")
 
 # Descriptors kept back for the listening socket, logs, Redis, health checks.
 FD_RESERVE = 64
+# What --max-streams=0 (the default) allows at most, when the descriptor limit holds more.
+DEFAULT_MAX_STREAMS = 10_000
 
 
 class RateLimiter:
@@ -59,7 +61,7 @@ def raise_fd_limit() -> int:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            log.info("raised the open-file limit from %d to %d", soft, target)
+            log.debug("raised the open-file limit from %d to %d", soft, target)
             soft = target
         except (ValueError, OSError):
             log.warning("could not raise the open-file limit above %d", soft)
@@ -76,11 +78,14 @@ def fit_descriptors(max_streams: int, upstream: int = 1) -> int:
     """Raise the descriptor limit; return how many of ``max_streams`` fit in it.
 
     Each stream holds its client socket and ``upstream`` descriptors for its
-    upstream call (`upstream_descriptors`). If ``max_streams`` of them would not
-    fit, the returned value is lower and a warning says so.
+    upstream call (`upstream_descriptors`). ``max_streams=0`` asks for as many as
+    fit, at most `DEFAULT_MAX_STREAMS`, quietly; an explicit number that does not
+    fit is lowered, and a warning says so.
     """
     soft = raise_fd_limit()
     fitting = max(1, (soft - FD_RESERVE) // (1 + upstream))
+    if max_streams == 0:
+        return min(DEFAULT_MAX_STREAMS, fitting)
     if max_streams > fitting:
         log.warning(
             "--max-streams=%d needs %d descriptors but the limit is %d; using %d",

@@ -25,17 +25,17 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from relay.app import make_app
-from relay.config import Settings
+from relay.config import ConfigError, Settings, load_settings
 from relay.connections import make_http_server
-from relay.limits import fit_descriptors, upstream_descriptors
 
 log = logging.getLogger("relay")
 
@@ -47,13 +47,20 @@ def self_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (``tornado-llm-relay``, ``python -m relay``, ``python server.py``)."""
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 2
+    return run(settings)
+
+
 def run(settings: Settings) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
-    upstream = upstream_descriptors(settings.upstream is None)
-    fitting = fit_descriptors(settings.max_streams, upstream)
-    settings = dataclasses.replace(settings, max_streams=fitting)
     workers = settings.workers or os.cpu_count() or 1
     if workers == 1:
         return _run_loop(_serve(settings, _bind(settings.port, settings.host)))
@@ -122,7 +129,7 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
 async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     port = sockets[0].getsockname()[1]
     app = make_app(settings)
-    server = make_http_server(app, settings)
+    server = make_http_server(app)
     server.add_sockets(sockets)
     relay = app.settings["relay"]
     upstream = settings.upstream or f"the embedded demo at {relay.upstream.url}"

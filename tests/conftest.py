@@ -53,7 +53,7 @@ def make_relay(io_loop) -> Callable[..., RelayServer]:
         overrides.setdefault("demo_token_delay", 0.001)
         settings = dataclasses.replace(Settings(), port=port, **overrides)
         app = make_app(settings)
-        server = make_http_server(app, settings)
+        server = make_http_server(app)
         server.add_sockets([sock])
         rs = RelayServer(url, app.settings["relay"], server)
         started.append(rs)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,15 +52,23 @@ class RelayProcess:
         self.log = log
 
     @classmethod
-    def start(cls, args: list[str], log: Path, nofile: int | None = None) -> RelayProcess:
-        """``server.py`` on a free port with ``args``; ``nofile`` sets a hard descriptor
-        limit (soft = hard), so exhaustion can be tested with a few hundred connections."""
+    def start(
+        cls,
+        args: list[str],
+        log: Path,
+        nofile: int | None = None,
+        command: Sequence[str] = (sys.executable, "server.py"),
+        cwd: Path = ROOT,
+    ) -> RelayProcess:
+        """``command`` (the checkout's ``server.py``) on a free port with ``args``; ``nofile``
+        sets a hard descriptor limit (soft = hard), so exhaustion can be tested with a few
+        hundred connections."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [*limited(nofile), sys.executable, "server.py", f"--port={port}", *args],
-                cwd=ROOT,
+                [*limited(nofile), *command, f"--port={port}", *args],
+                cwd=cwd,
                 env=env,
                 stderr=out,
             )

@@ -185,7 +185,7 @@ async def main():
     port = sockets[0].getsockname()[1]
     settings = Settings(port=port)
     app = make_app(settings)
-    server = make_http_server(app, settings)
+    server = make_http_server(app)
     server.budget = 1 << 20
     server.add_sockets(sockets)
     print(port, flush=True)

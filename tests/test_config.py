@@ -142,6 +142,20 @@ def test_server_process_streams_the_demo_and_exits_0_on_signal(sig):
         proc.wait()
 
 
+def test_default_max_streams_fits_the_descriptor_limit_quietly():
+    code = (
+        "import resource, logging; logging.basicConfig();"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 20000));"
+        "from relay.limits import fit_descriptors;"
+        "print(fit_descriptors(0), fit_descriptors(0, upstream=2))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.stdout.split() == ["9968", "6645"]  # (20000 - 64) // 2 and // 3
+    assert proc.stderr == ""
+
+
 def test_descriptor_limit_is_raised_and_max_streams_lowered_to_fit():
     code = (
         "import resource, logging; logging.basicConfig();"

@@ -45,7 +45,7 @@ def threaded_relay():
                 Settings(), port=port, demo_token_delay=0.0, auth_tokens={"tok": "alice"}
             )
             app = make_app(settings)
-            server = make_http_server(app, settings)
+            server = make_http_server(app)
             server.add_sockets([sock])
             box["stop"] = asyncio.Event()
             box["loop"] = asyncio.get_running_loop()
