@@ -8,8 +8,9 @@ import logging
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.web import Application, RequestHandler
 
@@ -17,6 +18,7 @@ from relay import demo, handlers
 from relay.admission import Admission
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.forwarded import ClientAddress, parse_networks
 from relay.limits import RateLimiter, fit_descriptors, upstream_descriptors
 from relay.metrics import Metrics
 from relay.resources import STATIC_DIR
@@ -24,6 +26,8 @@ from relay.sessions import MemoryStore
 from relay.upstream import Upstream
 
 if TYPE_CHECKING:
+    from tornado.web import _HandlerDelegate  # what Application.find_handler is typed to return
+
     from relay.redis_store import RedisStore
 
 log = logging.getLogger("relay")
@@ -60,6 +64,7 @@ class Relay:
         fitting = fit_descriptors(settings.max_streams, upstream)
         settings = dataclasses.replace(settings, max_streams=fitting)
         self.settings = settings
+        self.client_address = ClientAddress(parse_networks(settings.trusted_proxies))
         self.metrics = Metrics()
         self.store = make_store(settings)
         self.upstream = Upstream(settings, upstream_url, self.metrics)
@@ -122,6 +127,14 @@ class RelayApplication(Application):
     A session uid is a capability, so a log line shows only its first 8 characters:
     any run of 16 or more hex digits in the URI is cut to its first 8 and ``…``.
     """
+
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> _HandlerDelegate:
+        # The first thing that sees a request: from here on, for the rate limit, the
+        # per-address cap and the logs, the client is who the trusted proxies name.
+        request.remote_ip = self.settings["relay"].client_address(
+            request.remote_ip, request.headers
+        )
+        return super().find_handler(request, **kwargs)
 
     def log_request(self, handler: RequestHandler) -> None:
         if getattr(handler, "end_logged", False):

@@ -22,6 +22,7 @@ from typing import Any
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from relay.forwarded import parse_networks
 from relay.resources import default_config
 
 ENV_PREFIX = "RELAY_"
@@ -76,6 +77,7 @@ class Settings:
     idle_timeout: float = 60.0
     auth_tokens: Mapping[str, str] = field(default_factory=dict)
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     store: str = "memory"
     workers: int = 1
     robots: tuple[Robot, ...] = DEFAULT_ROBOTS
@@ -210,6 +212,12 @@ def _define(parser: OptionParser) -> None:
     )
     d("auth_tokens", type=str, multiple=True, help="token:userId,... (default: open)")
     d("cors_origins", type=str, multiple=True, help="allowed CORS origins")
+    d(
+        "trusted_proxies",
+        type=str,
+        multiple=True,
+        help="CIDRs of proxies whose X-Forwarded-For / X-Real-IP name the client (default: none)",
+    )
     d("store", default="memory", type=str, help="memory or redis://host:port/db")
     d(
         "workers",
@@ -311,6 +319,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError("--key-strategy must be random or round_robin")
     if s.upstream is not None and not s.upstream.startswith(("http://", "https://")):
         raise ConfigError("--upstream must be an http:// or https:// URL")
+    try:
+        parse_networks(s.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"--trusted-proxies: {e}") from None
     positive = (
         "session_ttl",
         "prune_interval",
@@ -392,6 +404,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         idle_timeout=o["idle_timeout"],
         auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),
         cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
+        trusted_proxies=tuple(p.strip() for p in o["trusted_proxies"] if p.strip()),
         store=o["store"],
         workers=o["workers"],
         robots=_robots(data.get("robots"), file),

@@ -372,9 +372,11 @@ class EventStreamHandler(AskMixin):
             relay.metrics.stream_ended(reason, duration)
             self.end_logged = True
             access_log.info(
-                "stream end uid=%s user=%s robot=%s status=%d events=%d duration=%.3f reason=%s",
+                "stream end uid=%s user=%s client=%s robot=%s status=%d events=%d duration=%.3f"
+                " reason=%s",
                 session.uid[:8],  # the whole uid is a capability: never logged
                 session.owner,
+                self.request.remote_ip,
                 session.robot_id,
                 self.get_status(),
                 self._after - after,
