@@ -149,3 +149,30 @@ def by_key(scripts: dict[str | None, Script]) -> Script:
         await scripts[key](handler, body, key)
 
     return script
+
+
+# vLLM's answer to a request field it does not know (the message names the field).
+STREAM_OPTIONS_REFUSAL = (
+    "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
+    "'msg': 'Extra inputs are not permitted'}]"
+)
+
+
+def refuse_stream_options(then: Script, message: str = STREAM_OPTIONS_REFUSAL) -> Script:
+    """A server that does not know ``stream_options``: 400 naming it, else ``then``."""
+
+    async def script(handler: CompletionsHandler, body: dict, key: str | None) -> None:
+        if "stream_options" in body:
+            await status(400, message)(handler, body, key)
+        else:
+            await then(handler, body, key)
+
+    return script
+
+
+def usage_chunk(usage: dict, style: str = "openai") -> bytes:
+    """The frame of a usage chunk as OpenAI (``choices: []``) or LiteLLM (an empty delta,
+    no finish_reason key) send it after the finishing chunk."""
+    choices: list = [] if style == "openai" else [{"index": 0, "delta": {}}]
+    doc = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": choices}
+    return f"data: {json.dumps({**doc, 'usage': usage}, separators=(',', ':'))}\n\n".encode()
