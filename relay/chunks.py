@@ -149,32 +149,98 @@ def _role_span(text: str) -> tuple[int, int] | None:
     return None
 
 
-def strip_role(text: str) -> str | None:
-    """``text`` without the ``role`` member(s) of ``choices[0].delta``, every other byte kept.
-
-    A member is removed with the separator on one side of it (the one after it,
-    or for the last member the one before), so the rest keeps its own spacing:
-    ``{"role": "assistant", "content": "x"}`` becomes ``{"content": "x"}``.
-    None when the text is not laid out as a JSON object with that path (the
-    caller then re-serialises the parsed chunk).
-    """
+def _scan_strip(text: str) -> str | None:
+    """`strip_role` by walking the document's structure: the path to the delta, then its
+    members. None when the text is not a JSON object with that path."""
     try:
         for _ in range(8):  # one member per pass; more than one is a repeated key
             span = _role_span(text)
             if span is None:
                 return text
             text = text[: span[0]] + text[span[1] :]
+            if '"role"' not in text:
+                return text
     except (ValueError, IndexError):
         return None
     return None
 
 
-def _without_role(data: str, doc: dict, delta: dict) -> str:
-    stripped = strip_role(data)
+def _span_at(text: str, i: int) -> tuple[int, int] | None:
+    """If ``text[i:]`` starts a ``"role": value`` member, the span `_role_span` would cut
+    for it: the member and the separator after it, or before it for a last member."""
+    ws = _WS.match
+    colon = ws(text, i + 6).end()
+    if text[colon : colon + 1] != ":":
+        return None
+    try:
+        _, value_end = _DECODER.raw_decode(text, ws(text, colon + 1).end())
+    except ValueError:
+        return None
+    after = ws(text, value_end).end()
+    close = text[after : after + 1]
+    if close == ",":
+        return i, ws(text, after + 1).end()
+    if close != "}":
+        return None
+    before = i - 1
+    while before >= 0 and text[before] in " \t\n\r":
+        before -= 1
+    if before < 0:
+        return None
+    if text[before] == "{":
+        return before + 1, after
+    if text[before] != ",":
+        return None
+    before -= 1
+    while before >= 0 and text[before] in " \t\n\r":
+        before -= 1
+    return before + 1, value_end
+
+
+def strip_role(text: str, doc: Any = None) -> str | None:
+    """``text`` without the ``role`` member(s) of ``choices[0].delta``, every other byte kept.
+
+    A member is removed with the separator on one side of it (the one after it,
+    or for the last member the one before), so the rest keeps its own spacing:
+    ``{"role": "assistant", "content": "x"}`` becomes ``{"content": "x"}``.
+    ``doc`` is ``text`` parsed, if the caller has it; its role member is deleted.
+    None when the text is not laid out as a JSON object with that path (the
+    caller then re-serialises the parsed chunk).
+
+    The usual case costs a few microseconds (Ollama sends a role on every chunk):
+    each ``"role"`` key in the text is tried as the member to cut, and the first
+    cut whose result parses to the chunk without the role is the one. Only when
+    none does (a repeated key, JSON the scanner reads otherwise) is the document's
+    structure walked (`_scan_strip`).
+    """
+    try:
+        if doc is None:
+            doc = ujson.loads(text)
+        delta = doc["choices"][0]["delta"]
+        if "role" not in delta:
+            return text
+        del delta["role"]  # now what the result must parse to
+    except (ValueError, LookupError, TypeError):
+        return None
+    i = text.find('"role"')
+    while i != -1:
+        span = _span_at(text, i)
+        if span is not None:
+            cut = text[: span[0]] + text[span[1] :]
+            try:
+                if ujson.loads(cut) == doc:
+                    return cut
+            except ValueError:
+                pass
+        i = text.find('"role"', i + 1)
+    return _scan_strip(text)
+
+
+def _without_role(data: str, doc: dict) -> str:
+    stripped = strip_role(data, doc)
     if stripped is not None:
         return stripped
-    del delta["role"]
-    return _dumps(doc)
+    return _dumps(doc)  # strip_role deleted the member from it
 
 
 class ChunkRules:
@@ -233,7 +299,9 @@ class ChunkRules:
             if not _carries_payload(delta):
                 return self._take_usage(usage)  # LiteLLM's usage chunk has an empty delta
             if "role" in delta:
-                data = _without_role(data, doc, delta)
+                data = _without_role(data, doc)
+            if self._held is None:
+                return [data]
             # Whatever follows a held finishing chunk goes after it, in the upstream's order.
             return [*self._release(), data]
         out = self._release()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.chunks import DONE, ChunkRules, strip_role
+from relay.chunks import DONE, ChunkRules, _scan_strip, strip_role
 
 # JSON values, with decoys: strings that read like a role member, objects with a "role" key.
 DECOY_TEXT = st.sampled_from(
@@ -56,7 +56,10 @@ def chunks_with_role(draw: st.DrawFn) -> tuple[dict, dict]:
     return doc, expected
 
 
-@settings(max_examples=400, deadline=None)
+# The fast path (try each "role" key, keep the cut that parses right) and the structural
+# walk it falls back to must cut exactly the same bytes.
+@pytest.mark.parametrize("strip", [strip_role, _scan_strip], ids=["strip_role", "scan"])
+@settings(max_examples=300, deadline=None)
 @given(
     chunks_with_role(),
     SEPARATORS,
@@ -64,7 +67,7 @@ def chunks_with_role(draw: st.DrawFn) -> tuple[dict, dict]:
     st.booleans(),
 )
 def test_strip_role_removes_the_member_and_keeps_every_other_byte(
-    pair, separators, indent, ascii_only
+    strip, pair, separators, indent, ascii_only
 ):
     doc, expected = pair
 
@@ -72,7 +75,7 @@ def test_strip_role_removes_the_member_and_keeps_every_other_byte(
         return json.dumps(obj, separators=separators, indent=indent, ensure_ascii=ascii_only)
 
     text = dumps(doc)
-    stripped = strip_role(text)
+    stripped = strip(text)
     assert json.loads(stripped) == expected
     # Byte for byte what the upstream would have written without the member: the
     # member goes with exactly one separator, all other spacing stays.
@@ -121,8 +124,9 @@ def test_relayed_content_chunks_are_the_stripped_text(pair, separators):
         ),
     ],
 )
-def test_strip_role_examples(text, expected):
-    assert strip_role(text) == expected
+@pytest.mark.parametrize("strip", [strip_role, _scan_strip], ids=["strip_role", "scan"])
+def test_strip_role_examples(strip, text, expected):
+    assert strip(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -133,12 +137,18 @@ def test_strip_role_gives_none_for_text_of_another_shape(text):
     assert strip_role(text) is None
 
 
-def test_a_chunk_the_scanner_cannot_follow_is_re_serialised_without_the_role():
+def test_a_chunk_the_scanners_cannot_follow_is_re_serialised_without_the_role():
     # ujson reads a number with a leading zero; the standard library's scanner does not.
-    text = '{"choices":[{"delta":{"role":"assistant","content":"ab"}}],"n":01}'
-    assert strip_role(text) is None
+    text = '{"choices":[{"delta":{"role":01,"content":"ab"}}]}'
+    assert strip_role(text) is None and _scan_strip(text) is None
     (out,) = ChunkRules("u", "a").apply(text)
-    assert json.loads(out) == {"choices": [{"delta": {"content": "ab"}}], "n": 1}
+    assert json.loads(out) == {"choices": [{"delta": {"content": "ab"}}]}
+
+
+def test_odd_json_away_from_the_role_member_still_gets_the_exact_cut():
+    text = '{"choices":[{"delta":{"role":"assistant","content":"ab"}}],"n":01}'
+    assert _scan_strip(text) is None  # the walk stops at 01; the fast path never reads it
+    assert strip_role(text) == '{"choices":[{"delta":{"content":"ab"}}],"n":01}'
 
 
 def test_raw_control_characters_in_strings_do_not_stop_the_scan():
