@@ -26,6 +26,9 @@ from relay.forwarded import parse_networks
 from relay.resources import default_config
 
 ENV_PREFIX = "RELAY_"
+# tornado.options reads any word but false/0/f as true: "no" would turn a flag on.
+_BOOL_FLAGS = frozenset({"include_usage"})
+_BOOL_WORDS = frozenset({"true", "false", "1", "0", "t", "f"})
 
 
 class ConfigError(Exception):
@@ -42,6 +45,7 @@ class Robot:
     system_prompt: str = ""
     temperature: float | None = None
     top_p: float | None = None
+    include_usage: bool | None = None  # None: --include-usage decides
 
 
 DEFAULT_ROBOTS = (Robot("1", "Assistant", system_prompt="You are a helpful assistant."),)
@@ -82,6 +86,7 @@ class Settings:
     workers: int = 1
     robots: tuple[Robot, ...] = DEFAULT_ROBOTS
     demo_token_delay: float = 0.02
+    include_usage: bool = True
 
     def robot(self, robot_id: str) -> Robot | None:
         for robot in self.robots:
@@ -226,6 +231,12 @@ def _define(parser: OptionParser) -> None:
         help="processes serving the port (0: one per core)",
     )
     d("demo_token_delay", default=0.02, type=float, help="seconds between demo tokens")
+    d(
+        "include_usage",
+        default=True,
+        type=bool,
+        help="ask the upstream for usage (stream_options.include_usage)",
+    )
 
 
 def _apply_strings(parser: OptionParser, triples: Sequence[tuple[str, str, str]]) -> None:
@@ -233,6 +244,8 @@ def _apply_strings(parser: OptionParser, triples: Sequence[tuple[str, str, str]]
     for name, value, where in triples:
         if name not in parser or name == "help":
             raise ConfigError(f"unknown {where}")
+        if name.replace("-", "_") in _BOOL_FLAGS and value.lower() not in _BOOL_WORDS:
+            raise ConfigError(f"bad value for {where}: true or false")
         try:
             parser.parse_command_line(["relay", f"--{name}={value}"], final=False)
         except (OptionsError, ValueError):
@@ -289,9 +302,12 @@ def _robots(raw: Any, path: str) -> tuple[Robot, ...]:
                 system_prompt=str(entry.get("systemPrompt", "")),
                 temperature=_opt_float(entry.get("temperature")),
                 top_p=_opt_float(entry.get("topP")),
+                include_usage=entry.get("includeUsage"),
             )
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{path}: each robot needs robotId and robotName") from None
+        if robot.include_usage is not None and not isinstance(robot.include_usage, bool):
+            raise ConfigError(f"{path}: a robot's includeUsage must be true or false")
         robots.append(robot)
     if len({r.robot_id for r in robots}) != len(robots):
         raise ConfigError(f"{path}: robotId values must be unique")
@@ -409,6 +425,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         workers=o["workers"],
         robots=_robots(data.get("robots"), file),
         demo_token_delay=o["demo_token_delay"],
+        include_usage=o["include_usage"],
     )
     _validate(settings)
     return settings

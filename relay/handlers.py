@@ -24,6 +24,7 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 
 from relay.admission import Refused
 from relay.ask import MAX_BODY, parse_ask
+from relay.chunks import token_counts
 from relay.config import Robot
 from relay.errors import RelayError
 from relay.resources import STATIC_DIR
@@ -214,7 +215,8 @@ class AskMixin(BaseHandler):
         robot = self.relay.settings.robot(ask.robot_id)
         if robot is None:
             raise RelayError(400, "unknown_robot", "robotId names no configured robot")
-        return robot, build_payload(robot, self.relay.settings.model, ask)
+        usage = self.relay.upstream.asks_usage(robot)
+        return robot, build_payload(robot, self.relay.settings.model, ask, usage)
 
     async def start_answer(self, replayable: bool) -> Session | None:
         """Validate, admit, create and start an answer: its session, with the upstream
@@ -371,9 +373,10 @@ class EventStreamHandler(AskMixin):
             duration = time.monotonic() - started
             relay.metrics.stream_ended(reason, duration)
             self.end_logged = True
+            tokens = token_counts(session.usage) or ("-", "-")
             access_log.info(
                 "stream end uid=%s user=%s client=%s robot=%s status=%d events=%d duration=%.3f"
-                " reason=%s",
+                " reason=%s prompt_tokens=%s completion_tokens=%s",
                 session.uid[:8],  # the whole uid is a capability: never logged
                 session.owner,
                 self.request.remote_ip,
@@ -382,6 +385,7 @@ class EventStreamHandler(AskMixin):
                 self._after - after,
                 duration,
                 reason,
+                *tokens,
             )
         if not self._closed:
             finished = self.finish()

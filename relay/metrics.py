@@ -88,6 +88,20 @@ class Metrics:
             ["phase"],
             registry=r,
         )
+        # Users are the --auth-tokens users or "anonymous", robots those of the conf:
+        # both bounded by the configuration, never by what clients send.
+        self.prompt_tokens = Counter(
+            "relay_prompt_tokens",
+            "Prompt tokens of finished answers, as the upstream reported them",
+            ["robot", "user"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "relay_completion_tokens",
+            "Completion tokens of finished answers, as the upstream reported them",
+            ["robot", "user"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "relay_time_to_first_token_seconds",
             "From session start to its first relayed event",

@@ -119,6 +119,7 @@ class Session:
         # back-pressure (the Redis writer is one).
         self.observers: list[Callable[[], None]] = []
         self.attached = False  # whether a reader ever subscribed
+        self.usage: dict | None = None  # the answer's usage, once the upstream sent it
         self.runs_call = runs_call
         self.quota_key = quota_key
         self._ledger = ledger or Ledger()

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from tornado.httpserver import HTTPServer
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.tcpserver import TCPServer
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
@@ -149,3 +150,84 @@ def by_key(scripts: dict[str | None, Script]) -> Script:
         await scripts[key](handler, body, key)
 
     return script
+
+
+# vLLM's answer to a request field it does not know (the message names the field).
+STREAM_OPTIONS_REFUSAL = (
+    "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
+    "'msg': 'Extra inputs are not permitted'}]"
+)
+
+
+def refuse_stream_options(then: Script, message: str = STREAM_OPTIONS_REFUSAL) -> Script:
+    """A server that does not know ``stream_options``: 400 naming it, else ``then``."""
+
+    async def script(handler: CompletionsHandler, body: dict, key: str | None) -> None:
+        if "stream_options" in body:
+            await status(400, message)(handler, body, key)
+        else:
+            await then(handler, body, key)
+
+    return script
+
+
+def usage_chunk(usage: dict, style: str = "openai") -> bytes:
+    """The frame of a usage chunk as OpenAI (``choices: []``) or LiteLLM (an empty delta,
+    no finish_reason key) send it after the finishing chunk."""
+    choices: list = [] if style == "openai" else [{"index": 0, "delta": {}}]
+    doc = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": choices}
+    return f"data: {json.dumps({**doc, 'usage': usage}, separators=(',', ':'))}\n\n".encode()
+
+
+class ReplayUpstream(TCPServer):
+    """Serves a recorded answer verbatim: ``head`` (status line and headers, as recorded)
+    and ``body`` (the de-chunked event stream), to every request, on loopback.
+
+    A raw TCP server rather than a Tornado app, so that no header is added or changed.
+    With ``Transfer-Encoding: chunked`` in the head the body goes out as chunks of
+    ``piece`` bytes (all of it in one when 0), each written, flushed and followed by a
+    loop turn, so that the relay reads it in pieces that split lines, CRLFs and UTF-8
+    characters; without it the body is written raw and ended by the close.
+    ``close_after``: close the connection after each answer (llama-server does,
+    although it advertises keep-alive); otherwise the next request may follow on it.
+    """
+
+    def __init__(self, head: bytes, body: bytes, piece: int = 0, close_after: bool = False) -> None:
+        super().__init__()
+        self.head, self.body, self.piece, self.close_after = head, body, piece, close_after
+        self.requests: list[dict] = []
+        sock, port = bind_unused_port()
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.add_sockets([sock])
+
+    async def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        try:
+            while True:
+                head = (await stream.read_until(b"\r\n\r\n")).decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                self.requests.append(json.loads(await stream.read_bytes(length)))
+                await self._answer(stream)
+                if self.close_after or not self.chunked:
+                    stream.close()
+                    return
+        except StreamClosedError:
+            pass
+
+    @property
+    def chunked(self) -> bool:
+        return b"transfer-encoding: chunked" in self.head.lower()
+
+    async def _answer(self, stream: IOStream) -> None:
+        await stream.write(self.head)
+        size = self.piece or len(self.body)
+        for i in range(0, len(self.body), size):
+            piece = self.body[i : i + size]
+            await stream.write(b"%x\r\n%s\r\n" % (len(piece), piece) if self.chunked else piece)
+            if self.piece:
+                await asyncio.sleep(0)
+        if self.chunked:
+            await stream.write(b"0\r\n\r\n")

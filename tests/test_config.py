@@ -170,3 +170,32 @@ def test_descriptor_limit_is_raised_and_max_streams_lowered_to_fit():
     assert (
         "--max-streams=1000 needs 2064 descriptors but the limit is 264; using 100" in proc.stderr
     )
+
+
+def test_include_usage_from_flag_env_file_and_the_robot_table(tmp_path):
+    conf = write_conf(
+        tmp_path,
+        'include_usage = false\n[[robots]]\nrobotId = "1"\nrobotName = "One"\n'
+        'includeUsage = true\n[[robots]]\nrobotId = "2"\nrobotName = "Two"\n',
+    )
+    s = load_settings([f"--config={conf}"], {})
+    assert s.include_usage is False
+    assert (s.robot("1").include_usage, s.robot("2").include_usage) == (True, None)
+    assert load_settings([f"--config={conf}"], {"RELAY_INCLUDE_USAGE": "true"}).include_usage
+    assert not load_settings(["--include-usage=0"], {}).include_usage
+    assert load_settings([], {}).include_usage is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "conf", "message"),
+    [
+        (["--include-usage=no"], {}, "", "bad value for flag --include-usage"),
+        ([], {"RELAY_INCLUDE_USAGE": "yes"}, "", "RELAY_INCLUDE_USAGE"),
+        ([], {}, 'include_usage = "sometimes"\n', "include_usage"),
+        ([], {}, '[[robots]]\nrobotId = "1"\nrobotName = "x"\nincludeUsage = 1\n', "includeUsage"),
+    ],
+)
+def test_bad_include_usage_values_are_one_clear_line(tmp_path, argv, env, conf, message):
+    path = write_conf(tmp_path, conf)
+    with pytest.raises(ConfigError, match=message):
+        load_settings([f"--config={path}", *argv], env)

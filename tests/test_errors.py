@@ -171,11 +171,13 @@ async def test_all_keys_refused_is_502_and_hides_the_key(make_relay, fake):
 
 
 @pytest.mark.gen_test
-async def test_cut_without_done_is_upstream_closed(relay, fake):
+async def test_cut_before_the_finish_is_upstream_closed(relay, fake):
     fake.script = stream_tokens(["a", "b"], finish=False)
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
     assert res.status == 200 and res.text() == "ab"
-    assert error_of(res)["code"] == "upstream_closed"
+    error = error_of(res)
+    assert error["code"] == "upstream_closed"
+    assert error["message"] == "the upstream ended the answer before its finish"
 
 
 @pytest.mark.gen_test

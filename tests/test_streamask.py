@@ -109,19 +109,6 @@ async def test_finish_chunk_with_content_keeps_the_content(relay, fake):
 
 
 @pytest.mark.gen_test
-async def test_usage_only_chunk_is_relayed_as_is(relay, fake):
-    usage_chunk = json.dumps({"id": "x", "choices": [], "usage": {"total_tokens": 9}})
-    frames = answer_frames(["a"], finish=False) + [
-        f"data: {chunk({}, 'stop')}\n\n".encode(),
-        f"data: {usage_chunk}\n\n".encode(),
-        b"data: [DONE]\n\n",
-    ]
-    fake.script = send_frames(frames)
-    res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)
-    assert res.data[-2] == usage_chunk
-
-
-@pytest.mark.gen_test
 async def test_reasoning_and_tool_call_chunks_are_relayed(relay, fake):
     tool = [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]
     frames = [
