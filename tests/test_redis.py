@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.fakeupstream import hang, stream_tokens
 from tests.processes import RelayProcess, free_port
+from tests.test_idempotency import KEY, RawStream, error_code, gated, keyed
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -313,3 +314,81 @@ async def test_an_attach_on_another_process_counts_for_the_attach_grace(relays, 
     assert res.text() == "".join(TOKENS) and res.events[-1].data == "[DONE]"
     late = await fetch_stream(b.url + lonely["streamUrl"])
     assert late.events[-1].event == "error" and '"not_attached"' in late.events[-1].data
+
+
+# -- idempotent one-shot streams across processes -------------------------------------
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_keyed_answer_started_on_a_is_attached_by_a_repeat_on_b(relays, fake, redis_server):
+    a, b = await relays("--resume-grace=0.5"), await relays("--resume-grace=0.5")
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 5, gate)
+    first = await RawStream.open(a.url)
+    await first.until_id(5)
+    uid = first.head.headers["x-relay-session"]
+    first.close()
+    await asyncio.sleep(0.2)
+    repeat = asyncio.ensure_future(
+        fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed(**{"Last-Event-ID": "5"}))
+    )
+    await asyncio.sleep(1.0)  # past A's grace: B's reader keeps the answer alive
+    assert not fake.disconnected.is_set()
+    gate.set()
+    res = await repeat
+    assert res.status == 200 and res.headers["x-relay-session"] == uid
+    assert [int(e.id) for e in res.events] == list(range(6, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[5:])
+    # Another body under the same key is refused on either process.
+    other = {**ASK, "aiQuestion": "another"}
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", other, headers=keyed())
+    assert res.status == 422 and res.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(fake.requests) == 1
+    # Redis holds a digest of (client, key), never the key itself, for the session TTL.
+    r = redis_server.client()
+    names = [k.decode() for k in r.keys("relay:idem:*")]
+    assert len(names) == 1 and 0 < r.ttl(names[0]) <= 301
+    stored = r.hgetall(names[0])
+    assert stored[b"uid"].decode() == uid
+    assert not any(KEY in k.decode() for k in r.keys("*"))
+    assert not any(KEY.encode() in v for v in stored.values())
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_repeat_on_b_takes_the_answer_over_from_a_stream_on_a(relays, fake):
+    a, b = await relays(), await relays()
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 3, gate)
+    first = await RawStream.open(a.url)
+    await first.until_id(3)
+    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
+    rest = await first.to_end()
+    assert error_code(rest[-1]) == "taken_over"
+    assert await asyncio.wait_for(first.stream.read_until_close(), 5) == b""
+    gate.set()
+    events = await second.to_end()
+    second.close()
+    assert [int(e.id) for e in events] == list(range(4, len(TOKENS) + 3))
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_keyed_answer_whose_reader_on_b_left_is_cancelled_on_a_after_the_grace(
+    relays, fake
+):
+    a, b = await relays("--resume-grace=0.5"), await relays("--resume-grace=0.5")
+    fake.script = gated(TOKENS, 3, asyncio.Event(), finish=False)  # then nothing
+    first = await RawStream.open(a.url)
+    await first.until_id(3)
+    first.close()
+    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
+    await second.until_head()
+    await asyncio.sleep(0.8)  # A's grace has passed: B reads it
+    assert not fake.disconnected.is_set()
+    second.close()
+    left = time.monotonic()
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    assert time.monotonic() - left >= 0.4
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert [e.id for e in res.events[:3]] == ["1", "2", "3"]
+    assert error_code(res.events[-1]) == "not_attached"
