@@ -18,6 +18,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from relay.errors import RelayError
 from relay.http1 import ResponseHead, ResponseParser
 from relay.idempotency import Entry, KeyedAsk, MemoryIndex, find_or_start, parse_key
+from relay.resume import Graces
 from relay.sessions import Session, SessionLimits
 from relay.sse import ServerSentEvent, SSEParser
 from tests.conftest import ASK, cyclic_stream_garbage, eventually, fetch_stream
@@ -437,12 +438,14 @@ async def test_disconnect_without_repeat_cancels_upstream_after_the_grace(make_r
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_disconnect_while_the_answer_is_set_up_still_gets_the_grace(make_relay, fake):
-    rs = make_relay(upstream=fake.url, resume_grace=0.3)
+async def test_disconnect_before_the_first_event_gets_the_grace_too(make_relay, fake):
+    rs = make_relay(upstream=fake.url, resume_grace=0.5)
     fake.script = gated(TOKENS, 0, asyncio.Event(), finish=False)
     raw = await RawStream.open(rs.url)
     await eventually(lambda: len(fake.requests) == 1)
-    raw.close()  # before any event
+    raw.close()  # before any event: the response has not even begun
+    await asyncio.sleep(0.25)
+    assert not fake.disconnected.is_set()
     await asyncio.wait_for(fake.disconnected.wait(), 3)
 
 
@@ -650,3 +653,89 @@ async def test_an_entry_whose_session_is_gone_is_replaced():
 
 async def _created(uid: str) -> Session:
     return session(uid)
+
+
+# -- more failure paths -------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_repeat_refused_at_capacity_is_503_and_names_the_session(make_relay, fake):
+    rs = make_relay(upstream=fake.url, max_streams=1)
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 2, gate)
+    first = await RawStream.open(rs.url)
+    await first.until_id(2)
+    res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert res.status == 503 and res.json()["error"]["code"] == "at_capacity"
+    assert res.headers["retry-after"] == "1"
+    assert res.headers["x-relay-session"] == first.head.headers["x-relay-session"]
+    gate.set()
+    assert text(await first.to_end()) == "".join(TOKENS)  # the first reader is untouched
+    first.close()
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_an_expired_keyed_answer_frees_its_key(make_relay, fake):
+    rs = make_relay(upstream=fake.url, session_ttl=0.3)
+    fake.script = stream_tokens(TOKENS)
+    url = rs.url + "/aianswer/streamAsk"
+    one = await fetch_stream(url, ASK, headers=keyed())
+    await asyncio.sleep(0.5)
+    two = await fetch_stream(url, ASK, headers=keyed())
+    assert two.text() == "".join(TOKENS)
+    assert one.headers["x-relay-session"] != two.headers["x-relay-session"]
+    assert len(fake.requests) == 2 and len(rs.relay.store.index) == 1
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_pipelined_keyed_requests_of_a_client_that_left_start_nothing(make_relay, fake):
+    rs = make_relay(upstream=fake.url)
+    fake.script = gated(TOKENS, 1, asyncio.Event(), finish=False)
+    requests = b""
+    for i in range(20):
+        requests += (
+            b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: %s-%d\r\nContent-Length: %d\r\n\r\n%s"
+            % (KEY.encode(), i, len(BODY), BODY)
+        )
+    sock = socket.create_connection(("127.0.0.1", int(rs.url.rsplit(":", 1)[1])))
+    sock.sendall(requests)
+    sock.close()
+    await asyncio.sleep(1.0)
+    assert fake.requests == []
+    await eventually(lambda: len(rs.relay.store) == 0 and not rs.relay.streams)
+    assert len(rs.relay.store.index) == 0
+
+
+# -- the grace timer, against a store that says who reads ----------------------------
+
+
+class Baton:
+    """A store for `Graces`: ``reader`` is the latest keyed reader's token."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
+        self.abandoned: list[str] = []
+
+    async def is_reader(self, session: Session, reader: str) -> bool:
+        return self.reader == reader
+
+    async def abandon(self, session: Session) -> None:
+        self.abandoned.append(session.uid)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("case", ["left", "taken_over", "read_here", "ended"])
+async def test_the_grace_cancels_only_an_answer_nobody_came_back_for(case):
+    store = Baton("t1" if case != "taken_over" else "t2")
+    answer = session("a" * 32)
+    if case == "read_here":
+        answer.subscribe(object(), 0)  # a GET reader on this process
+    elif case == "ended":
+        answer.finish()
+    graces = Graces(store, 0.05)
+    graces.start(answer, "t1")
+    await asyncio.sleep(0.2)
+    assert store.abandoned == (["a" * 32] if case == "left" else [])
+    assert len(graces) == 0

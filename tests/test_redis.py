@@ -23,6 +23,8 @@ import redis
 from tornado.iostream import IOStream
 
 from relay import demo
+from relay.redis_store import RedisStore
+from relay.sessions import Session, SessionLimits
 from tests.conftest import (
     ASK,
     create_session,
@@ -392,3 +394,85 @@ async def test_a_keyed_answer_whose_reader_on_b_left_is_cancelled_on_a_after_the
     res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
     assert [e.id for e in res.events[:3]] == ["1", "2", "3"]
     assert error_code(res.events[-1]) == "not_attached"
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_keyed_answer_nobody_came_back_for_on_its_own_process_is_cancelled(relays, fake):
+    a = await relays("--resume-grace=0.5")
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    first = await RawStream.open(a.url)
+    await first.until_id(2)
+    first.close()
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    res = await fetch_stream(a.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert error_code(res.events[-1]) == "not_attached"
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_delete_on_b_of_a_keyed_answer_on_a_cancels_it_and_frees_the_key(relays, fake):
+    a, b = await relays(), await relays()
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    first = await RawStream.open(a.url)
+    await first.until_id(2)
+    uid = first.head.headers["x-relay-session"]
+    res = await fetch_stream(b.url + f"/aianswer/sessions/{uid}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    assert error_code((await first.to_end())[-1]) == "cancelled"
+    first.close()
+    # The index still names the deleted session: the key counts as free and is claimed anew.
+    fake.script = stream_tokens(TOKENS)
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert res.text() == "".join(TOKENS) and res.headers["x-relay-session"] != uid
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keyed_requests_need_redis_and_unkeyed_ones_do_not(make_relay, fake, redis_server):
+    rs = make_relay(upstream=fake.url, store=redis_server.url)
+    fake.script = stream_tokens(TOKENS)
+    url = rs.url + "/aianswer/streamAsk"
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        res = await fetch_stream(url, ASK, headers=keyed(), timeout=10)
+        assert res.status == 503 and res.json()["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - began < 5
+        assert (await fetch_stream(url, ASK, timeout=5)).text() == "".join(TOKENS)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert (await fetch_stream(url, ASK, headers=keyed())).text() == "".join(TOKENS)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_leaves_while_its_keyed_answer_is_set_up_gets_the_grace(
+    make_relay, fake, redis_server
+):
+    rs = make_relay(upstream=fake.url, store=redis_server.url, resume_grace=0.3)
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # the request waits on the store
+    try:
+        raw = await RawStream.open(rs.url)
+        await asyncio.sleep(0.3)
+        raw.close()
+        await asyncio.sleep(0.3)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    await eventually(lambda: len(fake.requests) == 1, 5)  # started for nobody ...
+    await asyncio.wait_for(fake.disconnected.wait(), 5)  # ... and cancelled after the grace
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keyed_bookkeeping_with_redis_unreachable_fails_safe(caplog):
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 300)
+    mirror = Session("b" * 32, "anonymous", "1", True, SessionLimits(), runs_call=False)
+    mirror.keyed = "c" * 64
+    try:
+        await store.take_over(mirror, "t1")  # logged, not raised: the stream goes on
+        assert mirror.reader == "t1"
+        assert not await store.is_reader(mirror, "t1")  # unknown: never cancel on a guess
+        await store.abandon(mirror)  # runs elsewhere, and the message cannot go: logged
+    finally:
+        await store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("takeover" in w for w in warnings) and any("abandoned" in w for w in warnings)
