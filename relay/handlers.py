@@ -4,8 +4,9 @@
 session from a cursor and sends what is there in one write, from the session's
 wake-up while its coroutine sleeps; what the socket does not take is awaited
 (back-pressure). The app's watchdog tick calls `EventStreamHandler.check` for heartbeats
-and the send timeout. ``streamAsk`` and ``GET /aianswer/stream/<uid>`` differ
-only in when the response is committed and in what a disconnect does.
+and the send timeout. ``streamAsk`` (relay/streamask.py) and
+``GET /aianswer/stream/<uid>`` differ only in when the response is committed and
+in what a disconnect does.
 """
 
 from __future__ import annotations

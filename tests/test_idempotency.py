@@ -570,7 +570,8 @@ async def test_keys_and_whole_uids_never_reach_the_logs(relay, fake, caplog):
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_keyed_streams_leave_no_cycles(relay, fake, clean_gc):
+async def test_keyed_streams_leave_no_cycles(make_relay, fake, clean_gc):
+    relay = make_relay(upstream=fake.url, resume_grace=0.1)
     gate = asyncio.Event()
     fake.script = gated(TOKENS, 2, gate)
     first = await RawStream.open(relay.url)
@@ -582,8 +583,20 @@ async def test_keyed_streams_leave_no_cycles(relay, fake, clean_gc):
     await second.to_end()
     second.close()
     uid = second.head.headers["x-relay-session"]
+    url = relay.url + "/aianswer/streamAsk"
+    assert (await fetch_stream(url, {"aiQuestion": "x"}, headers=keyed())).status == 422
+    assert (await fetch_stream(url, ASK, headers=keyed("bad"))).status == 400
     await fetch_stream(relay.url + f"/aianswer/sessions/{uid}", method="DELETE")
-    await eventually(lambda: not relay.relay.streams and not len(relay.relay.readers))
+    fake.script = gated(TOKENS, 1, asyncio.Event(), finish=False)
+    abandoned = await RawStream.open(relay.url)  # then left: cancelled after the grace
+    await abandoned.until_id(1)
+    abandoned.close()
+    await asyncio.wait_for(fake.disconnected.wait(), 3)
+    await relay.relay.store.remove(abandoned.head.headers["x-relay-session"])
+    await eventually(
+        lambda: not (relay.relay.streams or len(relay.relay.readers) or len(relay.relay.graces))
+    )
+    assert len(relay.relay.store) == 0 and not relay.relay.upstream.calls
     garbage = cyclic_stream_garbage()
     assert garbage == [], garbage
 
