@@ -14,7 +14,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.web import Application, RequestHandler
 
-from relay import demo, handlers
+from relay import demo, handlers, streamask
 from relay.admission import Admission
 from relay.config import Settings
 from relay.errors import RelayError
@@ -22,6 +22,7 @@ from relay.forwarded import ClientAddress, parse_networks
 from relay.limits import RateLimiter, fit_descriptors, upstream_descriptors
 from relay.metrics import Metrics
 from relay.resources import STATIC_DIR
+from relay.resume import Graces, Readers
 from relay.sessions import MemoryStore
 from relay.upstream import Upstream
 
@@ -69,6 +70,10 @@ class Relay:
         self.store = make_store(settings)
         self.upstream = Upstream(settings, upstream_url, self.metrics)
         self.streams: set[Watched] = set()
+        self.readers = Readers()  # the keyed stream reading each answer here
+        self.graces = Graces(self.store, settings.resume_grace)
+        if not isinstance(self.store, MemoryStore):
+            self.store.on_takeover = self.readers.taken_elsewhere
         self.rate = RateLimiter(settings.rate_limit)
         ledger = self.store.ledger
         self.admission = Admission(settings, ledger, self.rate, self.metrics)
@@ -114,6 +119,7 @@ class Relay:
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._tick.stop()
+        self.graces.close()
         self.upstream.close()
         if self.demo is not None:
             await self.demo.close()
@@ -174,7 +180,7 @@ def make_app(settings: Settings) -> Application:
     routes = [
         (r"/", handlers.IndexHandler),
         (r"/aianswer/robots", handlers.RobotsHandler),
-        (r"/aianswer/streamAsk", handlers.StreamAskHandler),
+        (r"/aianswer/streamAsk", streamask.StreamAskHandler),
         (r"/aianswer/sessions", handlers.SessionsHandler),
         (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler),
         (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler),

@@ -73,6 +73,7 @@ class Settings:
     max_answers_per_user: int = 8
     max_answers_per_address: int = 0
     attach_grace: float = 30.0
+    resume_grace: float = 10.0
     max_kept_mib: int = 512
     rate_limit: int = 0
     send_timeout: float = 30.0
@@ -178,6 +179,12 @@ def _define(parser: OptionParser) -> None:
         default=30.0,
         type=float,
         help="seconds a session may run before a reader attaches",
+    )
+    d(
+        "resume_grace",
+        default=10.0,
+        type=float,
+        help="seconds a keyed one-shot answer runs on after its reader left",
     )
     d(
         "max_kept_mib",
@@ -360,6 +367,7 @@ def _validate(s: Settings) -> None:
         "max_streams",
         "pace_ms",
         "rate_limit",
+        "resume_grace",
         "workers",
         "upstream_keepalive",
         "max_answers_per_user",
@@ -412,6 +420,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         max_answers_per_user=o["max_answers_per_user"],
         max_answers_per_address=o["max_answers_per_address"],
         attach_grace=o["attach_grace"],
+        resume_grace=o["resume_grace"],
         max_kept_mib=o["max_kept_mib"],
         rate_limit=o["rate_limit"],
         send_timeout=o["send_timeout"],

@@ -4,8 +4,9 @@
 session from a cursor and sends what is there in one write, from the session's
 wake-up while its coroutine sleeps; what the socket does not take is awaited
 (back-pressure). The app's watchdog tick calls `EventStreamHandler.check` for heartbeats
-and the send timeout. ``streamAsk`` and ``GET /aianswer/stream/<uid>`` differ
-only in when the response is committed and in what a disconnect does.
+and the send timeout. ``streamAsk`` (relay/streamask.py) and
+``GET /aianswer/stream/<uid>`` differ only in when the response is committed and
+in what a disconnect does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from relay.ask import MAX_BODY, parse_ask
 from relay.chunks import token_counts
 from relay.config import Robot
 from relay.errors import RelayError
+from relay.idempotency import KEY_HEADER, SESSION_HEADER
 from relay.resources import STATIC_DIR
 from relay.sessions import Session
 from relay.sse import encode_comment, encode_event, encode_retry
@@ -42,6 +44,9 @@ access_log = logging.getLogger("relay.access")
 RETRY_LINE = encode_retry(3000)
 PING_LINE = encode_comment("ping")
 ANONYMOUS = "anonymous"
+TAKEN_OVER = RelayError(
+    409, "taken_over", "a newer request with the same Idempotency-Key reads this answer now"
+)
 # On every response: no MIME sniffing (a JSON body is never taken for a script or a page)
 # and no Referer sent on from the page.
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -65,7 +70,7 @@ class BaseHandler(RequestHandler):
         origin = self.request.headers.get("Origin")
         if origin and self._origin_allowed(origin):
             self.set_header("Access-Control-Allow-Origin", origin)
-            self.set_header("Access-Control-Expose-Headers", "Retry-After")
+            self.set_header("Access-Control-Expose-Headers", f"Retry-After, {SESSION_HEADER}")
             self.add_header("Vary", "Origin")
 
     def _origin_allowed(self, origin: str) -> bool:
@@ -77,7 +82,8 @@ class BaseHandler(RequestHandler):
         if self._origin_allowed(self.request.headers.get("Origin", "")):
             self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
             self.set_header(
-                "Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"
+                "Access-Control-Allow-Headers",
+                f"Authorization, Content-Type, Last-Event-ID, {KEY_HEADER}",
             )
             self.set_header("Access-Control-Max-Age", "600")
         self.set_status(204)
@@ -232,13 +238,24 @@ class AskMixin(BaseHandler):
             if peer_closed(self.request.connection.stream):
                 # A pipelined request of a client that already left: no paid call for nobody.
                 return None
-            quota = relay.admission.answer(user, self.request.remote_ip or "?")
-            session = await relay.store.create(user, robot.robot_id, replayable, quota)
+            session = await self.new_session(user, robot, replayable)
         except RelayError as e:
-            self.send_relay_error(e, retry_after=_retry_after(e))
+            self.send_relay_error(e, retry_after=retry_after(e))
             return None
         relay.upstream.start(session, payload)
         return session
+
+    async def new_session(
+        self, user: str, robot: Robot, replayable: bool, keyed: str | None = None
+    ) -> Session:
+        """Admit a new answer and create its session (its call not started yet)."""
+        quota = self.relay.admission.answer(user, self.address)
+        return await self.relay.store.create(user, robot.robot_id, replayable, quota, keyed)
+
+    @property
+    def address(self) -> str:
+        """The client's address, as the rate limit and the per-address cap count it."""
+        return self.request.remote_ip or "?"
 
 
 class EventStreamHandler(AskMixin):
@@ -265,6 +282,7 @@ class EventStreamHandler(AskMixin):
         self._after = 0  # the cursor: the sequence number of the last event sent
         self._writer: EventWriter | None = None  # once the headers are out
         self._opened = time.monotonic()
+        self._taken_over = False  # a newer keyed request reads the answer now
         self.end_logged = False  # the "stream end" access line replaces Tornado's
 
     # -- called by the session and the watchdog ------------------------------
@@ -297,6 +315,15 @@ class EventStreamHandler(AskMixin):
     def client_gone(self, session: Session) -> None:
         """What a disconnect means for the session; one-shot streams cancel it."""
 
+    def taken_over(self) -> None:
+        """A newer request with the same Idempotency-Key reads this answer now: end this
+        stream with `TAKEN_OVER` and close its connection (`relay.resume.Readers`)."""
+        self._taken_over = True
+        if self._writer is not None and self._writer.blocked:
+            self._writer.close()  # it takes nothing: no goodbye gets through either
+        else:
+            self.wake()
+
     # -- the pump ----------------------------------------------------------
 
     def commit(self) -> None:
@@ -320,6 +347,8 @@ class EventStreamHandler(AskMixin):
         """
         relay = self.relay
         self._session = session
+        if self._closed:
+            self.client_gone(session)  # it left while the answer was being set up
         self._after = after
         self._pace = pace = relay.settings.pace_ms / 1000
         relay.streams.add(self)
@@ -332,6 +361,11 @@ class EventStreamHandler(AskMixin):
                 # retry now, not with the first event or heartbeat.
                 self._send([], 0)
             while not self._closed:
+                if self._taken_over:
+                    reason = TAKEN_OVER.code
+                    self._send([encode_error(TAKEN_OVER)], 0)
+                    await self._drain()
+                    break
                 if self._writer is not None and self._writer.blocked:
                     await self._writer.drain()
                     continue
@@ -389,8 +423,11 @@ class EventStreamHandler(AskMixin):
             )
         if not self._closed:
             finished = self.finish()
-            if self._writer is not None and self.request.version != "HTTP/1.1":
-                # Ended by the close (see _open): close once the last bytes are out.
+            if self._writer is not None and (
+                self.request.version != "HTTP/1.1" or self._taken_over
+            ):
+                # Ended by the close (see _open), or taken over: close once the last
+                # bytes are out.
                 with contextlib.suppress(StreamClosedError):
                     await finished
                 self._writer.close()
@@ -400,7 +437,9 @@ class EventStreamHandler(AskMixin):
         writer = self._writer
         return (
             writer is not None
-            and not (writer.blocked or self._pace or self._closed or self._ping_due)
+            and not (
+                writer.blocked or self._pace or self._closed or self._ping_due or self._taken_over
+            )
             and self._session.running
         )
 
@@ -450,6 +489,17 @@ class EventStreamHandler(AskMixin):
         self._writer = EventWriter(stream, chunked, self.flush())
         return not self._writer.blocked
 
+    def resume_cursor(self, session: Session, raw: str | None) -> int | None:
+        """The cursor a ``Last-Event-ID`` of ``raw`` names; None once ``event: error``
+        ``bad_last_event_id`` is sent for one that names no kept event."""
+        after = _cursor(raw, session)
+        if after is None or not session.check_cursor(after):
+            self.commit()
+            error = RelayError(400, "bad_last_event_id", "Last-Event-ID names no kept event")
+            self.write(encode_error(error))
+            return None
+        return after
+
     async def _drain(self) -> None:
         if self._writer is not None:
             await self._writer.drain()
@@ -465,22 +515,6 @@ def set_security_headers(handler: RequestHandler) -> None:
 
 def encode_error(error: RelayError) -> bytes:
     return encode_event(error.body().decode(), event="error")
-
-
-class StreamAskHandler(EventStreamHandler):
-    """``POST /aianswer/streamAsk``: a one-shot session with this request as its reader."""
-
-    async def post(self) -> None:
-        session = await self.start_answer(replayable=False)
-        if session is None:
-            return
-        try:
-            await self.pump(session, 0)
-        finally:
-            await self.relay.store.remove(session.uid)
-
-    def client_gone(self, session: Session) -> None:
-        session.cancel()
 
 
 class SessionsHandler(AskMixin):
@@ -506,7 +540,7 @@ class SessionHandler(BaseHandler):
             session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
             await self.relay.store.remove(uid)
         except RelayError as e:
-            return self.send_relay_error(e, retry_after=_retry_after(e))
+            return self.send_relay_error(e, retry_after=retry_after(e))
         self.set_status(204)
 
 
@@ -525,15 +559,12 @@ class SessionStreamHandler(EventStreamHandler):
                 raise RelayError(404, "not_found", "no such session")
             relay.admission.reader(session)
         except RelayError as e:
-            return self.send_relay_error(e, retry_after=_retry_after(e))
+            return self.send_relay_error(e, retry_after=retry_after(e))
         raw = self.request.headers.get("Last-Event-ID")
         if raw is None:
             raw = self.get_query_argument("lastEventId", None)
-        after = _cursor(raw, session)
-        if after is None or not session.check_cursor(after):
-            self.commit()
-            error = RelayError(400, "bad_last_event_id", "Last-Event-ID names no kept event")
-            self.write(encode_error(error))
+        after = self.resume_cursor(session, raw)
+        if after is None:
             return
         if raw and not session.running and after == session.last_seq:
             self.set_status(204)  # tells EventSource to stop reconnecting
@@ -589,7 +620,7 @@ def _too_large() -> RelayError:
     return RelayError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
 
 
-def _retry_after(error: RelayError) -> int | None:
+def retry_after(error: RelayError) -> int | None:
     if isinstance(error, Refused):
         return error.retry_after
     return 1 if error.status == 503 else None

@@ -17,6 +17,13 @@ local session; readers on other processes get a `MirrorSession` that follows the
 stream with ``XREAD BLOCK``. ``DELETE`` on any process publishes the uid on
 ``relay:cancel``; the owner cancels the call.
 
+Keyed one-shot answers (``Idempotency-Key``) are sessions like these, indexed
+in ``relay:idem:<index>`` (relay/idempotency.py), which expires with them. A
+keyed stream that takes an answer over records its token there and publishes
+``<uid> <token>`` on ``relay:takeover``, so an older stream of that answer on
+another process is closed; ``<uid> abandoned`` on ``relay:cancel`` cancels an
+answer whose client did not come back within ``--resume-grace``.
+
 Failure handling: one-shot sessions never touch Redis, so they keep streaming
 while Redis is down. Creating or looking up a session with Redis unreachable is
 503 ``store_unavailable`` within ``STORE_TIMEOUT`` seconds. The writer and the
@@ -30,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -39,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from relay.errors import RelayError
+from relay.idempotency import Entry, KeyedAsk, RedisIndex
 from relay.sessions import (
     DONE,
     FAILED,
@@ -46,12 +54,15 @@ from relay.sessions import (
     MemoryStore,
     Session,
     SessionLimits,
+    abandoned,
     not_attached,
 )
 
 log = logging.getLogger("relay.redis")
 
 CANCEL_CHANNEL = "relay:cancel"
+TAKEOVER_CHANNEL = "relay:takeover"
+ABANDONED = "abandoned"  # a cancel message's reason: no client came back (relay.resume)
 STORE_TIMEOUT = 3.0  # seconds before a store operation answers 503
 BLOCK_MS = 1000
 _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
@@ -98,6 +109,9 @@ class RedisStore:
             socket_connect_timeout=STORE_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
         )
+        self.index = RedisIndex(self.redis, ttl)
+        # Told ``(uid, token)`` when a keyed stream on another process takes an answer over.
+        self.on_takeover: Callable[[str, str], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.pid = os.getpid()
@@ -128,9 +142,14 @@ class RedisStore:
         return self.local.evicted
 
     async def create(
-        self, owner: str, robot_id: str, replayable: bool, quota_key: str | None = None
+        self,
+        owner: str,
+        robot_id: str,
+        replayable: bool,
+        quota_key: str | None = None,
+        keyed: str | None = None,
     ) -> Session:
-        session = await self.local.create(owner, robot_id, replayable, quota_key)
+        session = await self.local.create(owner, robot_id, replayable, quota_key, keyed)
         if not replayable:
             return session  # one-shot: memory only, so it survives Redis trouble
         writer = RedisWriter(self, session)
@@ -164,6 +183,42 @@ class RedisStore:
         pipe.expire(_events_key(uid), _DELETED_LINGER)
         pipe.publish(CANCEL_CHANNEL, uid)
         await self._call(pipe.execute())
+
+    # -- keyed sessions (relay.idempotency, relay.resume) ----------------------------
+
+    async def keyed(self, index: str) -> Entry | None:
+        return await self._call(self.index.get(index))
+
+    async def claim(self, ask: KeyedAsk, uid: str, reader: str, stale: str = "") -> Entry | None:
+        return await self._call(self.index.claim(ask, uid, reader, stale))
+
+    async def take_over(self, session: Session, reader: str) -> None:
+        """Record ``reader`` as the keyed answer's reader and tell the other processes,
+        whose older streams of it end."""
+        session.reader = reader
+        pipe = self.redis.pipeline(transaction=False)
+        self.index.set_reader(pipe, session.keyed, reader)
+        pipe.publish(TAKEOVER_CHANNEL, f"{session.uid} {reader}")
+        try:
+            await self._call(pipe.execute())
+        except RelayError:
+            log.warning("could not record a takeover in the store")
+
+    async def is_reader(self, session: Session, reader: str) -> bool:
+        try:
+            return await self._call(self.index.reader(session.keyed)) == reader
+        except RelayError:
+            return False  # unknown: let it run rather than cancel an answer someone reads
+
+    async def abandon(self, session: Session) -> None:
+        """Cancel the answer here if it runs here, else ask the process that runs it."""
+        if self.local.find(session.uid) is session:
+            session.cancel(abandoned())
+            return
+        try:
+            await self._call(self.redis.publish(CANCEL_CHANNEL, f"{session.uid} {ABANDONED}"))
+        except RelayError:
+            log.warning("could not cancel an abandoned answer through the store")
 
     def cancel_unattached(self, now: float, grace: float) -> int:
         """Cancel this process's sessions that no reader attached to within ``grace``,
@@ -220,22 +275,35 @@ class RedisStore:
         return task
 
     async def _listen(self) -> None:
-        """Cancel and drop local sessions whose uid is published on the cancel channel."""
+        """Cancel and drop local sessions whose uid is published on the cancel channel;
+        pass takeovers on to `on_takeover`."""
         attempt = 0
         while not self._closed:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(CANCEL_CHANNEL)
+                await pubsub.subscribe(CANCEL_CHANNEL, TAKEOVER_CHANNEL)
                 attempt = 0
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                     if message is not None:
-                        await self._cancel_local(message["data"].decode())
+                        await self._heard(message["channel"].decode(), message["data"].decode())
             except (RedisError, OSError):
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
             finally:
                 await pubsub.aclose()
+
+    async def _heard(self, channel: str, data: str) -> None:
+        uid, _, rest = data.partition(" ")
+        if channel == TAKEOVER_CHANNEL:
+            if self.on_takeover is not None:
+                self.on_takeover(uid, rest)
+        elif rest == ABANDONED:
+            session = self.local.find(uid)
+            if session is not None:
+                session.cancel(abandoned())  # kept: a late repeat replays how it ended
+        else:
+            await self._cancel_local(uid)
 
     async def _cancel_local(self, uid: str) -> None:
         """A DELETE on another process: cancel the call if it runs here, and forget the
@@ -277,6 +345,9 @@ class RedisWriter:
         }
         if s.error is not None:
             meta.update(code=s.error.code, status=s.error.status, message=s.error.message)
+        if s.keyed is not None:
+            meta["idem"] = s.keyed
+            self.store.index.refresh(pipe, s.keyed)  # the key lives as long as its answer
         pipe.hset(_meta_key(s.uid), mapping=meta)
         pipe.expire(_meta_key(s.uid), ttl)
         pipe.expire(_events_key(s.uid), ttl)
@@ -355,6 +426,8 @@ class MirrorSession(Session):
             runs_call=False,
         )
         mirror.store = store
+        keyed = meta.get(b"idem")
+        mirror.keyed = keyed.decode() if keyed else None
         mirror.last_seq = int(meta.get(b"last_seq", 0))
         mirror._first_seq = first if first is not None else mirror.last_seq + 1
         state = meta.get(b"state", b"running").decode()

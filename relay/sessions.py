@@ -29,6 +29,7 @@ from itertools import islice
 from typing import Protocol
 
 from relay.errors import RelayError
+from relay.idempotency import Entry, KeyedAsk, MemoryIndex
 from relay.sse import encode_event
 
 RUNNING = "running"
@@ -120,6 +121,8 @@ class Session:
         self.observers: list[Callable[[], None]] = []
         self.attached = False  # whether a reader ever subscribed
         self.usage: dict | None = None  # the answer's usage, once the upstream sent it
+        self.keyed: str | None = None  # its Idempotency-Key's index entry (relay.idempotency)
+        self.reader = ""  # token of the keyed stream that read it last (relay.resume)
         self.runs_call = runs_call
         self.quota_key = quota_key
         self._ledger = ledger or Ledger()
@@ -266,6 +269,11 @@ class Session:
         self.attached = True
         self._reweigh()
 
+    @property
+    def readers(self) -> int:
+        """Readers subscribed now (on this process)."""
+        return len(self._subscribers)
+
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.pop(sub, None)
         self._reweigh()
@@ -335,7 +343,8 @@ class MemoryStore:
     cancels any that still ran. When the kept bytes of all sessions pass
     ``max_kept_bytes``, the oldest finished sessions are dropped at once (never a
     running one). `cancel_unattached` cancels replayable sessions that no reader
-    attached to within the grace period.
+    attached to within the grace period. Keyed sessions (``Idempotency-Key``) are
+    indexed in ``index``; an entry goes with its session.
     """
 
     def __init__(
@@ -348,6 +357,7 @@ class MemoryStore:
         self.evicted = 0  # finished sessions dropped to stay under max_kept_bytes
         self._sessions: dict[str, Session] = {}
         self._unattached: dict[str, Session] = {}  # replayable sessions, oldest first
+        self.index = MemoryIndex()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -356,11 +366,18 @@ class MemoryStore:
         return iter(list(self._sessions.values()))
 
     async def create(
-        self, owner: str, robot_id: str, replayable: bool, quota_key: str | None = None
+        self,
+        owner: str,
+        robot_id: str,
+        replayable: bool,
+        quota_key: str | None = None,
+        keyed: str | None = None,
     ) -> Session:
+        """A new session; ``keyed`` names its index entry, claimed afterwards (`claim`)."""
         session = Session(
             new_uid(), owner, robot_id, replayable, self.limits, self.ledger, quota_key
         )
+        session.keyed = keyed
         self._sessions[session.uid] = session
         if replayable:
             self._unattached[session.uid] = session
@@ -387,6 +404,27 @@ class MemoryStore:
         session = self._sessions.get(uid)
         if session is not None:
             self._drop(session)
+
+    # -- keyed sessions (relay.idempotency, relay.resume) ----------------------------
+
+    async def keyed(self, index: str) -> Entry | None:
+        return self.index.get(index)
+
+    async def claim(self, ask: KeyedAsk, uid: str, reader: str, stale: str = "") -> Entry | None:
+        return self.index.claim(ask, uid, stale)
+
+    async def take_over(self, session: Session, reader: str) -> None:
+        """``reader`` reads the keyed ``session`` now (older readers here are closed
+        by `relay.resume.Readers`)."""
+        session.reader = reader
+
+    async def is_reader(self, session: Session, reader: str) -> bool:
+        """Whether ``reader`` is still the last keyed stream to have read ``session``."""
+        return session.reader == reader
+
+    async def abandon(self, session: Session) -> None:
+        """Cancel a keyed answer that no client came back for."""
+        session.cancel(abandoned())
 
     def prune(self) -> int:
         """Remove expired sessions; return how many went."""
@@ -429,6 +467,8 @@ class MemoryStore:
     def _drop(self, session: Session) -> None:
         del self._sessions[session.uid]
         self._unattached.pop(session.uid, None)
+        if session.keyed is not None:
+            self.index.release(session.keyed, session.uid)
         session.release()
         session.cancel(RelayError(410, "expired", "the session expired"))
 
@@ -436,4 +476,10 @@ class MemoryStore:
 def not_attached(grace: float) -> RelayError:
     return RelayError(
         408, "not_attached", f"no client attached to the answer within {grace:g} seconds"
+    )
+
+
+def abandoned() -> RelayError:
+    return RelayError(
+        408, "not_attached", "no client came back for the answer within --resume-grace seconds"
     )

@@ -2,7 +2,9 @@
 //
 // Two ways to get an answer (docs/api.md):
 // - one-shot: fetch POST /aianswer/streamAsk and read the event stream from
-//   response.body with the small SSE reader below;
+//   response.body with the small SSE reader below; each question carries an
+//   Idempotency-Key of its own, so the relay keeps its answer under that key
+//   and Stop DELETEs it (the X-Relay-Session of the response);
 // - resumable: POST /aianswer/sessions, then a native EventSource on the stream
 //   URL, which reconnects by itself and resumes with Last-Event-ID.
 // Model output is only ever inserted as text, never as HTML.
@@ -362,24 +364,66 @@ const FIRST_EVENT_MESSAGE = () =>
   `No answer within ${FIRST_EVENT_TIMEOUT_MS / 1000} s: the model did not start ` +
   "answering, so the request was abandoned.";
 
+/** A fresh Idempotency-Key (16 to 128 visible ASCII characters). */
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  // Not a secure context (plain http to another host): 128 random bits in hex.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function askOnce(text, key, signal, more = {}) {
+  return fetch("/aianswer/streamAsk", {
+    method: "POST",
+    headers: {
+      "Content-Type": "application/json",
+      Accept: "text/event-stream",
+      "Idempotency-Key": key,
+      ...authHeaders(),
+      ...more,
+    },
+    body: text,
+    signal,
+  });
+}
+
+/**
+ * Cancel a keyed answer the page gave up on, so that it does not run on for the
+ * relay's resume grace. Its session is named by the response's X-Relay-Session;
+ * before the response came, a repeat of the request (same key, same body) with
+ * Last-Event-ID: 0 is answered at once, headers first, and names it.
+ */
+async function cancelAnswer(uid, text, key) {
+  if (!uid) {
+    const ctrl = new AbortController();
+    try {
+      const res = await askOnce(text, key, ctrl.signal, { "Last-Event-ID": "0" });
+      uid = res.headers.get("X-Relay-Session");
+    } catch {
+      return;
+    } finally {
+      ctrl.abort();
+    }
+  }
+  if (uid) deleteSession(uid);
+}
+
 async function runOneShot(turn, body, job) {
   const ctrl = new AbortController();
+  const text = JSON.stringify(body);
+  const key = newKey(); // per run: a Retry is a new answer
+  let uid = null;
   let why = null;
-  job.stop = () => {
-    why = "stopped";
+  const giveUp = (reason) => {
+    why = reason;
     ctrl.abort();
+    cancelAnswer(uid, text, key);
   };
-  const timer = setTimeout(() => {
-    why = "timeout";
-    ctrl.abort();
-  }, FIRST_EVENT_TIMEOUT_MS);
+  job.stop = () => giveUp("stopped");
+  const timer = setTimeout(() => giveUp("timeout"), FIRST_EVENT_TIMEOUT_MS);
   try {
-    const res = await fetch("/aianswer/streamAsk", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
-      body: JSON.stringify(body),
-      signal: ctrl.signal,
-    });
+    const res = await askOnce(text, key, ctrl.signal);
+    uid = res.headers.get("X-Relay-Session");
     if (!res.ok) throw await httpError(res);
     const type = res.headers.get("Content-Type") || "";
     if (!type.toLowerCase().startsWith("text/event-stream")) {

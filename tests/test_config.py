@@ -53,6 +53,15 @@ def test_env_lists_and_file_robots(tmp_path):
     assert s.robot("1") is None
 
 
+def test_resume_grace_from_flag_env_or_file(tmp_path):
+    assert load_settings([], {}).resume_grace == 10.0
+    conf = write_conf(tmp_path, "resume_grace = 4\n")
+    assert load_settings([f"--config={conf}"], {}).resume_grace == 4.0
+    assert load_settings([f"--config={conf}"], {"RELAY_RESUME_GRACE": "2.5"}).resume_grace == 2.5
+    flag = load_settings([f"--config={conf}", "--resume-grace=0"], {"RELAY_RESUME_GRACE": "2"})
+    assert flag.resume_grace == 0.0
+
+
 def test_shipped_conf_file_loads():
     s = load_settings([f"--config={ROOT / 'conf' / 'relay.conf'}"], {})
     assert [r.robot_id for r in s.robots] == ["1", "2"]
@@ -68,6 +77,8 @@ def test_shipped_conf_file_loads():
         (["--heartbeat=0"], {}, "--heartbeat must be positive"),
         (["--header-timeout=0"], {}, "--header-timeout must be positive"),
         (["--upstream-keepalive=-1"], {}, "--upstream-keepalive must not be negative"),
+        (["--resume-grace=-1"], {}, "--resume-grace must not be negative"),
+        (["--resume-grace=soon"], {}, "bad value for flag --resume-grace"),
         (["--upstream=ftp://x"], {}, "--upstream"),
         (["--auth-tokens=nocolon"], {}, "token:userId"),
         (["--config=/nonexistent.conf"], {}, "not found"),

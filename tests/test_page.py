@@ -259,6 +259,32 @@ async def test_tokens_render_as_text_with_cursor_while_streaming_and_stop_cancel
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_one_shot_answers_are_keyed_and_stop_deletes_them(relay, fake, open_chat):
+    fake.script = stream_tokens(TOKENS)
+    store = relay.relay.store
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    await chat.run(ask(page, "keyed"))
+    await chat.run(wait_state(page, 0, "done", "error"))
+    assert len(store) == 1 and len(store.index) == 1  # kept under the page's key
+    await chat.run(ask(page, "keyed again"))
+    info = await chat.run(wait_state(page, 1, "done", "error"))
+    assert info["text"] == TEXT and len(fake.requests) == 2 and len(store.index) == 2
+    # Stop before the response began: the page learns the session from a repeat, and
+    # DELETEs it at once rather than leave it running for the resume grace.
+    fake.script = hang(20)
+    await chat.run(ask(page, "stop me early"))
+    await wait_until(lambda: len(fake.requests) == 3)
+    await chat.run(page.click("#stop"))
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    info = await chat.run(wait_state(page, 2, "stopped"))
+    assert info["error"] is None
+    await wait_until(lambda: len(store) == 2 and not relay.relay.streams)
+    assert len(fake.requests) == 3
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_401_is_shown_inline_and_the_token_fixes_it(make_relay, fake, open_chat):
     rs = make_relay(upstream=fake.url, auth_tokens={"tok": "alice"})
     fake.script = stream_tokens(TOKENS)

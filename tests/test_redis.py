@@ -23,6 +23,8 @@ import redis
 from tornado.iostream import IOStream
 
 from relay import demo
+from relay.redis_store import RedisStore
+from relay.sessions import Session, SessionLimits
 from tests.conftest import (
     ASK,
     create_session,
@@ -33,6 +35,7 @@ from tests.conftest import (
 )
 from tests.fakeupstream import hang, stream_tokens
 from tests.processes import RelayProcess, free_port
+from tests.test_idempotency import KEY, RawStream, error_code, gated, keyed
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -313,3 +316,163 @@ async def test_an_attach_on_another_process_counts_for_the_attach_grace(relays, 
     assert res.text() == "".join(TOKENS) and res.events[-1].data == "[DONE]"
     late = await fetch_stream(b.url + lonely["streamUrl"])
     assert late.events[-1].event == "error" and '"not_attached"' in late.events[-1].data
+
+
+# -- idempotent one-shot streams across processes -------------------------------------
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_keyed_answer_started_on_a_is_attached_by_a_repeat_on_b(relays, fake, redis_server):
+    a, b = await relays("--resume-grace=0.5"), await relays("--resume-grace=0.5")
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 5, gate)
+    first = await RawStream.open(a.url)
+    await first.until_id(5)
+    uid = first.head.headers["x-relay-session"]
+    first.close()
+    await asyncio.sleep(0.2)
+    repeat = asyncio.ensure_future(
+        fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed(**{"Last-Event-ID": "5"}))
+    )
+    await asyncio.sleep(1.0)  # past A's grace: B's reader keeps the answer alive
+    assert not fake.disconnected.is_set()
+    gate.set()
+    res = await repeat
+    assert res.status == 200 and res.headers["x-relay-session"] == uid
+    assert [int(e.id) for e in res.events] == list(range(6, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[5:])
+    # Another body under the same key is refused on either process.
+    other = {**ASK, "aiQuestion": "another"}
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", other, headers=keyed())
+    assert res.status == 422 and res.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(fake.requests) == 1
+    # Redis holds a digest of (client, key), never the key itself, for the session TTL.
+    r = redis_server.client()
+    names = [k.decode() for k in r.keys("relay:idem:*")]
+    assert len(names) == 1 and 0 < r.ttl(names[0]) <= 301
+    stored = r.hgetall(names[0])
+    assert stored[b"uid"].decode() == uid
+    assert not any(KEY in k.decode() for k in r.keys("*"))
+    assert not any(KEY.encode() in v for v in stored.values())
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_repeat_on_b_takes_the_answer_over_from_a_stream_on_a(relays, fake):
+    a, b = await relays(), await relays()
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 3, gate)
+    first = await RawStream.open(a.url)
+    await first.until_id(3)
+    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
+    rest = await first.to_end()
+    assert error_code(rest[-1]) == "taken_over"
+    assert await asyncio.wait_for(first.stream.read_until_close(), 5) == b""
+    gate.set()
+    events = await second.to_end()
+    second.close()
+    assert [int(e.id) for e in events] == list(range(4, len(TOKENS) + 3))
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_keyed_answer_whose_reader_on_b_left_is_cancelled_on_a_after_the_grace(
+    relays, fake
+):
+    a, b = await relays("--resume-grace=0.5"), await relays("--resume-grace=0.5")
+    fake.script = gated(TOKENS, 3, asyncio.Event(), finish=False)  # then nothing
+    first = await RawStream.open(a.url)
+    await first.until_id(3)
+    first.close()
+    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
+    await second.until_head()
+    await asyncio.sleep(0.8)  # A's grace has passed: B reads it
+    assert not fake.disconnected.is_set()
+    second.close()
+    left = time.monotonic()
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    assert time.monotonic() - left >= 0.4
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert [e.id for e in res.events[:3]] == ["1", "2", "3"]
+    assert error_code(res.events[-1]) == "not_attached"
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_keyed_answer_nobody_came_back_for_on_its_own_process_is_cancelled(relays, fake):
+    a = await relays("--resume-grace=0.5")
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    first = await RawStream.open(a.url)
+    await first.until_id(2)
+    first.close()
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    res = await fetch_stream(a.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert error_code(res.events[-1]) == "not_attached"
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_delete_on_b_of_a_keyed_answer_on_a_cancels_it_and_frees_the_key(relays, fake):
+    a, b = await relays(), await relays()
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    first = await RawStream.open(a.url)
+    await first.until_id(2)
+    uid = first.head.headers["x-relay-session"]
+    res = await fetch_stream(b.url + f"/aianswer/sessions/{uid}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+    assert error_code((await first.to_end())[-1]) == "cancelled"
+    first.close()
+    # The index still names the deleted session: the key counts as free and is claimed anew.
+    fake.script = stream_tokens(TOKENS)
+    res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
+    assert res.text() == "".join(TOKENS) and res.headers["x-relay-session"] != uid
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keyed_requests_need_redis_and_unkeyed_ones_do_not(make_relay, fake, redis_server):
+    rs = make_relay(upstream=fake.url, store=redis_server.url)
+    fake.script = stream_tokens(TOKENS)
+    url = rs.url + "/aianswer/streamAsk"
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        res = await fetch_stream(url, ASK, headers=keyed(), timeout=10)
+        assert res.status == 503 and res.json()["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - began < 5
+        assert (await fetch_stream(url, ASK, timeout=5)).text() == "".join(TOKENS)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert (await fetch_stream(url, ASK, headers=keyed())).text() == "".join(TOKENS)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_client_that_leaves_while_its_keyed_answer_is_set_up_gets_the_grace(
+    make_relay, fake, redis_server
+):
+    rs = make_relay(upstream=fake.url, store=redis_server.url, resume_grace=0.3)
+    fake.script = gated(TOKENS, 2, asyncio.Event(), finish=False)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # the request waits on the store
+    try:
+        raw = await RawStream.open(rs.url)
+        await asyncio.sleep(0.3)
+        raw.close()
+        await asyncio.sleep(0.3)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    await eventually(lambda: len(fake.requests) == 1, 5)  # started for nobody ...
+    await asyncio.wait_for(fake.disconnected.wait(), 5)  # ... and cancelled after the grace
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_keyed_bookkeeping_with_redis_unreachable_fails_safe(caplog):
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 300)
+    mirror = Session("b" * 32, "anonymous", "1", True, SessionLimits(), runs_call=False)
+    mirror.keyed = "c" * 64
+    try:
+        await store.take_over(mirror, "t1")  # logged, not raised: the stream goes on
+        assert mirror.reader == "t1"
+        assert not await store.is_reader(mirror, "t1")  # unknown: never cancel on a guess
+        await store.abandon(mirror)  # runs elsewhere, and the message cannot go: logged
+    finally:
+        await store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("takeover" in w for w in warnings) and any("abandoned" in w for w in warnings)
