@@ -31,6 +31,10 @@ setup(
             "playwright>=1.40",
             # A throwaway CA and certificate for the HTTPS upstream tests.
             "trustme>=1.1",
+            # The tiny random-weight llama that tests/test_llama_server.py writes for
+            # llama-server (built by .ci/build-llama-server).
+            "gguf>=0.17",
+            "numpy>=1.24",
         ],
     },
 )
