@@ -40,6 +40,10 @@ setup(
             "trustme>=1.1",
             # tests/test_install.py builds the sdist and wheel as a user would.
             "build>=1",
+            # The tiny random-weight llama that tests/test_llama_server.py writes for
+            # llama-server (built by .ci/build-llama-server).
+            "gguf>=0.17",
+            "numpy>=1.24",
         ],
     },
 )

@@ -8,6 +8,7 @@ import gc
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -86,6 +87,49 @@ def relay_process(io_loop, tmp_path) -> Callable[..., Awaitable[RelayProcess]]:
     yield start
     for rp in started:
         rp.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_model(tmp_path_factory) -> Path:
+    """A tiny random-weight llama (``tests/llama.py``), written once per run. Fails, never
+    skips, when ``.ci/build-llama-server`` has not built llama-server."""
+    from tests import llama
+
+    why = llama.missing()
+    if why:
+        pytest.fail(why, pytrace=False)
+    vocab = llama.llama_dir() / "models" / llama.VOCAB
+    return llama.write_model(tmp_path_factory.mktemp("llama") / "tiny.gguf", vocab)
+
+
+def _llama_server(tmp_path_factory, model: Path, name: str, *args: str):
+    from tests import llama
+
+    binary = llama.llama_dir() / "bin" / "llama-server"
+    log = tmp_path_factory.mktemp(name) / "llama-server.log"
+    return llama.LlamaServer.start(binary, model, log, *args)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory, llama_model):
+    """A real llama-server with the tiny model; answers stop after 48 tokens."""
+    server = _llama_server(tmp_path_factory, llama_model, "llama", "-n", "48")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_server_endless(tmp_path_factory, llama_model):
+    """A real llama-server whose answers go on (context shift, no end of text) for up to
+    20,000 tokens: tens of seconds, time enough for a client to leave mid-answer."""
+    server = _llama_server(
+        tmp_path_factory,
+        llama_model,
+        "llama-endless",
+        *("--context-shift", "--ignore-eos", "-n", "20000"),
+    )
+    yield server
+    server.stop()
 
 
 @dataclass
