@@ -31,6 +31,11 @@ setup(
             "playwright>=1.40",
             # A throwaway CA and certificate for the HTTPS upstream tests.
             "trustme>=1.1",
+            # Real clients read the relay's streams with their own parsers (tests/test_clients.py).
+            "openai>=3.57",
+            "httpx-sse>=0.4.3",
+            # httpx-sse imports httpx but does not declare it (openai 3 runs on its fork, httpx2).
+            "httpx>=0.28",
         ],
     },
 )
