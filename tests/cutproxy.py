@@ -39,13 +39,15 @@ class Connection:
 def cut_position(response: bytes, event: int) -> int | None:
     """Where, in the relay-to-client bytes so far, the middle of ``event``'s data line is.
 
-    Event n starts after event n-1's ``id:`` line and blank line (heartbeat comment
-    lines and HTTP chunk-size lines may come before its ``data:``).
+    That is the first ``data:`` line after the end of the block holding event n-1's
+    ``id:`` line (comment lines and HTTP chunk-size lines may come between). It does
+    not rely on where the relay puts the ``id:`` line in a block.
     """
-    end_of_previous = response.find(b"\nid: %d\n\n" % (event - 1))
-    if end_of_previous < 0:
+    previous_id = response.find(b"\nid: %d\n" % (event - 1))
+    if previous_id < 0:
         return None
-    data = response.find(b"\ndata: ", end_of_previous + 1)
+    end = response.find(b"\n\n", previous_id + 1)
+    data = response.find(b"\ndata: ", end) if end >= 0 else -1
     if data < 0 or len(response) < data + 1 + CUT_OFFSET:
         return None
     return data + 1 + CUT_OFFSET
