@@ -43,7 +43,8 @@ def assert_heartbeats_between_events(proxy: CuttingProxy) -> None:
     (conn,) = proxy.connections
     body = conn.response.partition(b"\r\n\r\n")[2]
     assert b"retry: 3000\ndata: " in body
-    assert body.count(b"\n: ping\n") >= len(TOKENS), body
+    # About two per 80 ms gap; a loaded machine may tick late, so ask for a few.
+    assert body.partition(b"\nid: 1\n\n")[2].count(b"\n: ping\n") >= 3, body
 
 
 def read_sync(url: str) -> list[ChatCompletionChunk]:
