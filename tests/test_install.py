@@ -53,15 +53,13 @@ def test_the_sdist_carries_the_tests_docs_page_and_conf(dist: Path) -> None:
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for needed in (
-        "server.py",
-        "tests/conftest.py",
-        "tests/test_install.py",
-        "docs/api.md",
-        "static/index.html",
-        "conf/relay.conf",
-    ):
-        assert needed in names, needed
+    recordings = ROOT / "tests" / "recordings"
+    wanted = {f"tests/recordings/{p.name}" for p in recordings.iterdir()}
+    wanted |= {"server.py", "pytest.ini", "ruff.toml", "docs/api.md", "conf/relay.conf"}
+    wanted |= {"tests/conftest.py", "tests/fakeupstream.py", "tests/node/package-lock.json"}
+    wanted |= {"static/index.html", "static/app.js"}
+    assert wanted <= names, wanted - names
+    assert not any("node_modules" in name for name in names)
 
 
 def test_the_wheel_has_the_page_and_robots_and_no_top_level_server_module(dist: Path) -> None:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,19 +164,3 @@ def test_the_recordings_have_what_the_replay_test_relies_on():
     assert by_name["transformers-serve"].data[-1] != "[DONE]"
     assert by_name["llama-server"].finish()["choices"][0]["finish_reason"] == "length"
     assert ", " in by_name["llama-cpp-python-server"].data[0]
-
-
-def test_the_sdist_carries_the_recordings_and_the_test_suite(tmp_path):
-    root = RECORDINGS.parent.parent
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
-        check=True,
-        cwd=root,
-        capture_output=True,
-    )
-    (archive,) = tmp_path.glob("*.tar.gz")
-    with tarfile.open(archive) as tar:
-        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    wanted = {f"tests/recordings/{p.name}" for p in RECORDINGS.iterdir()}
-    wanted |= {"tests/conftest.py", "tests/fakeupstream.py", "tests/test_recordings.py"}
-    assert wanted <= names, wanted - names
