@@ -548,9 +548,8 @@ async def test_without_a_key_nothing_changes(relay, fake):
     assert len(relay.relay.store.index) == 0
 
 
-@pytest.mark.gen_test(timeout=20)
-async def test_keys_and_whole_uids_never_reach_the_logs(relay, fake, caplog):
-    caplog.set_level(logging.DEBUG)
+async def taken_over(relay, fake) -> str:
+    """A keyed answer taken over by a repeat after event 2, both streams read to their end."""
     gate = asyncio.Event()
     fake.script = gated(TOKENS, 2, gate)
     first = await RawStream.open(relay.url)
@@ -561,8 +560,14 @@ async def test_keys_and_whole_uids_never_reach_the_logs(relay, fake, caplog):
     gate.set()
     await second.to_end()
     second.close()
+    return second.head.headers["x-relay-session"]
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_keys_and_whole_uids_never_reach_the_logs(relay, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    uid = await taken_over(relay, fake)
     await fetch_stream(relay.url + "/aianswer/streamAsk", {"aiQuestion": "x"}, headers=keyed())
-    uid = second.head.headers["x-relay-session"]
     await fetch_stream(relay.url + f"/aianswer/sessions/{uid}", method="DELETE")
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert uid[:8] in logged and "taken_over" in logged
@@ -572,17 +577,7 @@ async def test_keys_and_whole_uids_never_reach_the_logs(relay, fake, caplog):
 @pytest.mark.gen_test(timeout=20)
 async def test_keyed_streams_leave_no_cycles(make_relay, fake, clean_gc):
     relay = make_relay(upstream=fake.url, resume_grace=0.1)
-    gate = asyncio.Event()
-    fake.script = gated(TOKENS, 2, gate)
-    first = await RawStream.open(relay.url)
-    await first.until_id(2)
-    second = await RawStream.open(relay.url, headers={"Last-Event-ID": "2"})
-    await first.to_end()
-    first.close()
-    gate.set()
-    await second.to_end()
-    second.close()
-    uid = second.head.headers["x-relay-session"]
+    uid = await taken_over(relay, fake)
     url = relay.url + "/aianswer/streamAsk"
     assert (await fetch_stream(url, {"aiQuestion": "x"}, headers=keyed())).status == 422
     assert (await fetch_stream(url, ASK, headers=keyed("bad"))).status == 400

@@ -47,7 +47,9 @@ def assert_heartbeats_between_events(proxy: CuttingProxy) -> None:
     assert body.partition(b"\nid: 1\n\n")[2].count(b"\n: ping\n") >= 3, body
 
 
-def read_sync(url: str) -> list[ChatCompletionChunk]:
+def read_sync(url: str, into: list[ChatCompletionChunk] | None = None) -> list[ChatCompletionChunk]:
+    """The SDK's own `Stream` over a relayed answer; ``into`` keeps what came before an error."""
+    chunks = [] if into is None else into
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
     with client:
         stream = client.post(
@@ -57,7 +59,8 @@ def read_sync(url: str) -> list[ChatCompletionChunk]:
             stream=True,
             stream_cls=openai.Stream[ChatCompletionChunk],
         )
-        return list(stream)
+        chunks.extend(stream)
+    return chunks
 
 
 async def read_async(url: str) -> list[ChatCompletionChunk]:
@@ -103,16 +106,7 @@ async def test_openai_stream_raises_api_error_on_a_relayed_error_event(relay, fa
     got: list[ChatCompletionChunk] = []
 
     def collect_sync() -> None:
-        client = openai.OpenAI(base_url=relay.url, api_key="x", max_retries=0)
-        with client:
-            stream = client.post(
-                "/aianswer/streamAsk",
-                body=ASK,
-                cast_to=ChatCompletionChunk,
-                stream=True,
-                stream_cls=openai.Stream[ChatCompletionChunk],
-            )
-            got.extend(stream)  # keeps what came before the error
+        read_sync(relay.url, got)
 
     async def collect_async() -> None:
         async with openai.AsyncOpenAI(base_url=relay.url, api_key="x", max_retries=0) as client:
