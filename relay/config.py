@@ -78,6 +78,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     store: str = "memory"
     workers: int = 1
+    drain_timeout: float = 5.0
     robots: tuple[Robot, ...] = DEFAULT_ROBOTS
     demo_token_delay: float = 0.02
 
@@ -217,6 +218,12 @@ def _define(parser: OptionParser) -> None:
         type=int,
         help="processes serving the port (0: one per core)",
     )
+    d(
+        "drain_timeout",
+        default=5.0,
+        type=float,
+        help="seconds SIGTERM lets open streams and running answers finish (0: none)",
+    )
     d("demo_token_delay", default=0.02, type=float, help="seconds between demo tokens")
 
 
@@ -333,6 +340,7 @@ def _validate(s: Settings) -> None:
         "pace_ms",
         "rate_limit",
         "workers",
+        "drain_timeout",
         "upstream_keepalive",
         "max_answers_per_user",
         "max_answers_per_address",
@@ -394,6 +402,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
         store=o["store"],
         workers=o["workers"],
+        drain_timeout=o["drain_timeout"],
         robots=_robots(data.get("robots"), file),
         demo_token_delay=o["demo_token_delay"],
     )
