@@ -40,6 +40,8 @@ setup(
             "trustme>=1.1",
             # tests/test_install.py builds the sdist and wheel as a user would.
             "build>=1",
+            # tests/test_deploy_files.py reads compose.yaml.
+            "pyyaml>=6",
         ],
     },
 )
