@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
@@ -239,37 +240,100 @@ def test_dockerfile_runs_the_console_command_unprivileged_on_the_relays_port():
     assert Settings().drain_timeout < 10 - 3
 
 
-def test_everything_the_dockerfile_copies_is_in_the_build_context():
-    instructions = dockerfile()
-    ignored = [
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` (relative, with /) out of the build context, as
+    Docker reads it: when the path or a folder above it matches; ``**/`` at any depth."""
+    patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
+    parts = path.split("/")
+    above = ["/".join(parts[:j]) for j in range(1, len(parts) + 1)]
+    anywhere = ["/".join(parts[i:j]) for j in range(1, len(parts) + 1) for i in range(j)]
+    return any(
+        any(fnmatch.fnmatchcase(p, pattern.removeprefix("**/")) for p in anywhere)
+        if pattern.startswith("**/")
+        else any(fnmatch.fnmatchcase(p, pattern) for p in above)
+        for pattern in patterns
+    )
 
-    def excluded(path: str) -> bool:
-        # As Docker reads the file: a path is out when it or a folder above it matches; a
-        # pattern that starts with **/ matches at any depth.
-        parts = path.split("/")
-        above = ["/".join(parts[:j]) for j in range(1, len(parts) + 1)]
-        anywhere = ["/".join(parts[i:j]) for j in range(1, len(parts) + 1) for i in range(j)]
-        return any(
-            any(fnmatch.fnmatchcase(p, pattern.removeprefix("**/")) for p in anywhere)
-            if pattern.startswith("**/")
-            else any(fnmatch.fnmatchcase(p, pattern) for p in above)
-            for pattern in ignored
-        )
 
-    for copy in (i for i in instructions if i.keyword == "COPY" and "from" not in i.flags):
+def test_everything_the_dockerfile_copies_is_in_the_build_context():
+    for copy in (i for i in dockerfile() if i.keyword == "COPY" and "from" not in i.flags):
         *sources, _target = shlex.split(copy.args)
         for source in sources:
             assert (ROOT / source).exists(), source
-            assert not excluded(source), source
+            assert not dockerignored(source), source
     # What `python -m build` needs is in the context; what must never be is not.
     for needed in ("setup.py", "MANIFEST.in", "README.md", "server.py", "relay", "static", "conf"):
-        assert (ROOT / needed).exists() and not excluded(needed), needed
-    for kept_out in (".git", ".venv", ".env", "dist", "relay/__pycache__"):
-        assert excluded(kept_out), kept_out
+        assert (ROOT / needed).exists() and not dockerignored(needed), needed
+    for kept_out in (".git", ".venv", ".env", "prod.env", "dist", "relay/__pycache__"):
+        assert dockerignored(kept_out), kept_out
+
+
+def build_context(into: Path) -> None:
+    """Copy the project as ``docker build .`` sends it: less what .dockerignore keeps out."""
+    for folder, dirs, files in os.walk(ROOT):
+        base = Path(folder).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if not dockerignored((base / d).as_posix())]  # not .venv
+        for name in files:
+            relative = (base / name).as_posix()
+            if not dockerignored(relative):
+                (into / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / relative, into / relative)
+
+
+@pytest.mark.slow
+def test_the_dockerfiles_build_and_install_steps_run_here(tmp_path):
+    """Each stage's RUN commands, run in a fresh venv of their own with the image's paths
+    (/src, /dist, /wheels) under ``tmp_path``: the build stage on a copy of the build
+    context, the final stage from the wheels alone. The final stage's user creation does
+    not run here; the installed command then serves from an empty directory."""
+    instructions = dockerfile()
+
+    def here(command: str) -> str:
+        for path in ("/dist", "/wheels"):
+            command = re.sub(rf"(?<![\w.]){path}\b", str(tmp_path) + path, command)
+        return command
+
+    def run(command: str, venv: Path, cwd: Path) -> None:
+        done = subprocess.run(
+            ["sh", "-ec", here(command)],
+            cwd=cwd,
+            env={**os.environ, "PATH": f"{venv}/bin:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+
+    build, final = tmp_path / "build-venv", tmp_path / "final-venv"
+    for venv in (build, final):
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    src = tmp_path / "src"
+    build_context(src)
+    assert only(instructions, "WORKDIR", stage=0).args == "/src"
+    for step in (i for i in instructions if i.keyword == "RUN" and i.stage == 0):
+        run(step.args, build, src)
+    (install,) = [i for i in instructions if i.keyword == "RUN" and i.stage == 1]
+    pip, *accounts = install.args.split("&&")
+    assert all(a.split()[0] in ("groupadd", "useradd") for a in accounts), accounts
+    empty = tmp_path / "srv-relay"
+    empty.mkdir()
+    run(pip, final, empty)
+    assert not list(final.glob("lib/python*/site-packages/*.egg-link"))  # a wheel, not a link
+    script = final / "bin" / json.loads(only(instructions, "CMD").args)[0]
+    env = image_env(instructions) | {"RELAY_HOST": "127.0.0.1"}
+    relay = RelayProcess.start(
+        [], tmp_path / "relay.log", command=[str(script)], cwd=empty, env=env
+    )
+    try:
+        relay.wait_ready()
+        assert healthcheck(relay.port).returncode == 0
+        assert get(relay.url + "/readyz")[0] == 200
+    finally:
+        assert relay.stop() == 0
 
 
 # -- compose.yaml ------------------------------------------------------------------------------
