@@ -49,6 +49,8 @@ setup(
             "httpx-sse>=0.4.3",
             # httpx-sse imports httpx but does not declare it (openai 3 runs on its fork, httpx2).
             "httpx>=0.28",
+            # tests/test_deploy_files.py reads compose.yaml.
+            "pyyaml>=6",
         ],
     },
 )

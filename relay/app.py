@@ -50,6 +50,9 @@ class Relay:
     a short watchdog tick for heartbeats, send timeouts and upstream idle
     timeouts, so no per-event timer is ever armed; and, with no ``--upstream``, the
     embedded demo server, which it stops on shutdown.
+
+    Stopping takes two steps: `drain` (SIGTERM: not ready any more, open streams and
+    running answers may finish) and `shutdown` (the rest are told and closed).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -74,6 +77,7 @@ class Relay:
         self.graces = Graces(self.store, settings.resume_grace)
         if not isinstance(self.store, MemoryStore):
             self.store.on_takeover = self.readers.taken_elsewhere
+        self.draining = False
         self.rate = RateLimiter(settings.rate_limit)
         ledger = self.store.ledger
         self.admission = Admission(settings, ledger, self.rate, self.metrics)
@@ -109,6 +113,41 @@ class Relay:
             log.info("cancelled %d answers no client attached to", late)
         for stream in list(self.streams):
             stream.check(now)
+
+    async def not_ready(self) -> RelayError | None:
+        """Why a balancer should send this process no new requests now (``GET /readyz``)."""
+        if self.draining:
+            return RelayError(503, "draining", "the server is shutting down")
+        if not await self.store.reachable():
+            return RelayError(503, "store_unavailable", "the session store is unreachable")
+        return None
+
+    async def drain(self, timeout: float, stop_now: asyncio.Event) -> None:
+        """Mark the process not ready, then wait up to ``timeout`` seconds (or until
+        ``stop_now`` is set) for open streams and running answers to end.
+
+        Everything is served as usual meanwhile, new answers too: a balancer may send
+        requests for a moment after its probe saw ``/readyz`` fail.
+        """
+        self.draining = True
+        if not self._busy():
+            return
+        log.info(
+            "draining: %d streams open, %d answers running; up to %g s (SIGINT: at once)",
+            len(self.streams),
+            len(self.upstream.calls),
+            timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while self._busy() and not stop_now.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._busy():
+            log.info("drain over with %d streams still open", len(self.streams))
+
+    def _busy(self) -> bool:
+        # Running answers count even with no stream here: a reader may follow one through
+        # Redis from another process, or reconnect to it here.
+        return bool(self.streams or self.upstream.calls)
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Tell open streams (``event: error`` code ``shutdown``), cancel upstream calls."""
@@ -185,6 +224,7 @@ def make_app(settings: Settings) -> Application:
         (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler),
         (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler),
         (r"/healthz", handlers.HealthHandler),
+        (r"/readyz", handlers.ReadyHandler),
         (r"/metrics", handlers.MetricsHandler),
     ]
     app = RelayApplication(

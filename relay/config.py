@@ -85,6 +85,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     store: str = "memory"
     workers: int = 1
+    drain_timeout: float = 5.0
     robots: tuple[Robot, ...] = DEFAULT_ROBOTS
     demo_token_delay: float = 0.02
     include_usage: bool = True
@@ -237,6 +238,12 @@ def _define(parser: OptionParser) -> None:
         type=int,
         help="processes serving the port (0: one per core)",
     )
+    d(
+        "drain_timeout",
+        default=5.0,
+        type=float,
+        help="seconds SIGTERM lets open streams and running answers finish (0: none)",
+    )
     d("demo_token_delay", default=0.02, type=float, help="seconds between demo tokens")
     d(
         "include_usage",
@@ -369,6 +376,7 @@ def _validate(s: Settings) -> None:
         "rate_limit",
         "resume_grace",
         "workers",
+        "drain_timeout",
         "upstream_keepalive",
         "max_answers_per_user",
         "max_answers_per_address",
@@ -432,6 +440,7 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
         trusted_proxies=tuple(p.strip() for p in o["trusted_proxies"] if p.strip()),
         store=o["store"],
         workers=o["workers"],
+        drain_timeout=o["drain_timeout"],
         robots=_robots(data.get("robots"), file),
         demo_token_delay=o["demo_token_delay"],
         include_usage=o["include_usage"],

@@ -168,6 +168,9 @@ class RobotsHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
+    """``GET /healthz``: alive (a liveness probe). Still 200 while draining after SIGTERM,
+    so that nothing kills the process before its streams have finished."""
+
     def get(self) -> None:
         self.write(
             {
@@ -175,8 +178,20 @@ class HealthHandler(BaseHandler):
                 "pid": os.getpid(),
                 "streams": len(self.relay.streams),
                 "sessions": len(self.relay.store),
+                "draining": self.relay.draining,
             }
         )
+
+
+class ReadyHandler(BaseHandler):
+    """``GET /readyz``: whether to send this process new requests (a readiness probe):
+    503 ``draining`` after SIGTERM, 503 ``store_unavailable`` while Redis does not answer."""
+
+    async def get(self) -> None:
+        error = await self.relay.not_ready()
+        if error is not None:
+            return self.send_relay_error(error)
+        self.write({"status": "ready"})
 
 
 class MetricsHandler(BaseHandler):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -64,6 +65,11 @@ CANCEL_CHANNEL = "relay:cancel"
 TAKEOVER_CHANNEL = "relay:takeover"
 ABANDONED = "abandoned"  # a cancel message's reason: no client came back (relay.resume)
 STORE_TIMEOUT = 3.0  # seconds before a store operation answers 503
+# GET /readyz: a PING answered within PING_TIMEOUT (well inside a probe's usual 1-3 s
+# timeout), and its answer reused for PING_TTL, so that a storm of probes costs Redis one
+# PING a second per process.
+PING_TIMEOUT = 1.0
+PING_TTL = 1.0
 BLOCK_MS = 1000
 _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 # Kept a few seconds after DELETE so followers on other processes read the end.
@@ -115,6 +121,9 @@ class RedisStore:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self.pid = os.getpid()
+        self._ping: asyncio.Task[bool] | None = None
+        self._pinged_at = 0.0  # when the last PING's answer came (monotonic)
+        self._reached = True  # what the last PING found, to log each change once
 
     # -- the store interface ----------------------------------------------------
 
@@ -132,6 +141,32 @@ class RedisStore:
         for task in list(self._tasks):
             task.cancel()
         await self.redis.aclose()
+
+    async def reachable(self) -> bool:
+        """Whether Redis answers a PING within `PING_TIMEOUT` (``GET /readyz``).
+
+        Concurrent callers share one PING, and its answer stands for `PING_TTL` seconds.
+        """
+        fresh = time.monotonic() - self._pinged_at < PING_TTL
+        if self._ping is None or (self._ping.done() and not fresh):
+            self._ping = self._spawn(self._ping_once())
+        # Shielded: a caller that goes away must not cancel the PING the others wait for.
+        return await asyncio.shield(self._ping)
+
+    async def _ping_once(self) -> bool:
+        try:
+            await asyncio.wait_for(self.redis.ping(), PING_TIMEOUT)
+            reached = True
+        except (TimeoutError, RedisError, OSError):
+            reached = False
+        self._pinged_at = time.monotonic()
+        if reached != self._reached:
+            self._reached = reached
+            if reached:
+                log.info("the session store answers again: ready")
+            else:
+                log.warning("the session store does not answer a PING: not ready")
+        return reached
 
     def prune(self) -> int:
         """Redis expires its keys itself; this only drops expired local sessions."""

@@ -7,6 +7,11 @@ restarted; SIGTERM or SIGINT is passed on to every worker, and the parent exits
 0 when they all have. Workers share sessions through the Redis store (config
 validation refuses ``--workers`` with the memory store).
 
+Stopping: SIGTERM drains first (``/readyz`` answers 503 while open streams and
+running answers get up to ``--drain-timeout`` seconds to end, everything still
+served), then shuts down: stop accepting, tell the streams left (``event: error``
+code ``shutdown``), close, exit 0. SIGINT, also during a drain, shuts down at once.
+
 Garbage collection: CPython's automatic full collections scan every live
 object, and with thousands of open streams (~160 tracked objects each) one
 pass stops the loop for hundreds of milliseconds, every time a quarter of the
@@ -107,7 +112,7 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
         nonlocal stopping
         stopping = True
         for pid in children:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)  # the same signal: SIGTERM drains, SIGINT does not
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -123,6 +128,12 @@ def _supervise(settings: Settings, groups: list[list[socket.socket]]) -> int:
         if not stopping:
             log.warning("worker %d (pid %d) exited with %d; restarting", index, pid, status)
             spawn(index)
+        else:
+            # Not restarted, so close this copy of its socket too: while any process holds
+            # it, the kernel goes on giving it a share of new connections that nobody
+            # accepts, while the other workers still drain.
+            for sock in groups[index]:
+                sock.close()
     return 0
 
 
@@ -138,11 +149,15 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     collector = PeriodicCallback(full_collection, settings.prune_interval * 1000)
     collector.start()
 
-    stop = asyncio.Event()
+    # SIGTERM (an orchestrator's stop): drain first. SIGINT (Ctrl-C), also during a drain:
+    # shut down at once.
+    stop, stop_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: (stop_now.set(), stop.set()))
     await stop.wait()
+    if not stop_now.is_set():
+        await relay.drain(settings.drain_timeout, stop_now)
     log.info("shutting down")
     collector.stop()
     server.stop()

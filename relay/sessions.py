@@ -389,6 +389,10 @@ class MemoryStore:
     async def close(self) -> None:
         """Nothing to close."""
 
+    async def reachable(self) -> bool:
+        """For ``GET /readyz``: memory is always there."""
+        return True
+
     def find(self, uid: str) -> Session | None:
         """The session with this uid, expired or not (no I/O)."""
         return self._sessions.get(uid)

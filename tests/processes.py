@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +59,14 @@ class RelayProcess:
         nofile: int | None = None,
         command: Sequence[str] = (sys.executable, "server.py"),
         cwd: Path = ROOT,
+        env: Mapping[str, str] | None = None,
     ) -> RelayProcess:
         """``command`` (the checkout's ``server.py``) on a free port with ``args``; ``nofile``
         sets a hard descriptor limit (soft = hard), so exhaustion can be tested with a few
-        hundred connections."""
+        hundred connections. ``env`` adds to the environment, from which every ``RELAY_``
+        variable of the test's own is removed."""
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")} | dict(env or {})
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [*limited(nofile), *command, f"--port={port}", *args],
@@ -131,8 +133,10 @@ class RelayProcess:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def stop(self) -> int:
+        # SIGINT shuts down at once. SIGTERM would drain first, waiting for answers from the
+        # test's fake upstream, which cannot send while this blocks the test's event loop.
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
