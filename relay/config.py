@@ -27,6 +27,7 @@ import textwrap
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from tornado.options import Error as OptionsError
@@ -63,6 +64,47 @@ class Robot:
 DEFAULT_ROBOTS = (Robot("1", "Assistant", system_prompt="You are a helpful assistant."),)
 
 
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One flag as everything derived from its declaration sees it."""
+
+    name: str
+    type: type  # what tornado.options parses: str, int, float or bool
+    multiple: bool  # a comma-separated list
+    default: Any
+    help: str
+    bound: Bound = None
+    parse: Callable[[Any], Any] | None = None
+    choices: tuple[str, ...] = ()
+    shown: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.default in (None, (), {}):
+            return "(none)"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    def value(self, parsed: Any) -> Any:
+        """Tornado's parsed value as the `Settings` field holds it."""
+        if self.multiple:
+            parsed = [item.strip() for item in parsed if item.strip()]
+        if self.parse is not None:
+            return self.parse(parsed)
+        return tuple(parsed) if self.multiple else parsed
+
+
 def setting(
     default: T,
     help: str,
@@ -80,14 +122,11 @@ def setting(
     reason; ``shown`` is the default as the docs show it, where the value alone
     says too little.
     """
+    # The rest of the Setting (name, type, default) comes from the field: see _declared.
     meta = {
-        "setting": {
-            "help": help,
-            "bound": bound,
-            "parse": parse,
-            "choices": choices,
-            "shown": shown,
-        }
+        "setting": partial(
+            Setting, help=help, bound=bound, parse=parse, choices=choices, shown=shown
+        )
     }
     if isinstance(default, dict):  # dataclasses want a fresh mutable default per instance
         return field(default_factory=lambda: copy.copy(default), metadata=meta)
@@ -144,8 +183,8 @@ class Settings:
     )
     prune_interval: float = setting(
         300.0,
-        "seconds between prune runs (a tornado PeriodicCallback), each followed by a full"
-        " garbage-collection pass",
+        "seconds between prune runs (a tornado PeriodicCallback), and between full"
+        " garbage-collection passes",
         bound="positive",
     )
     heartbeat: float = setting(
@@ -285,47 +324,6 @@ class Settings:
         return f"Settings(host={self.host!r}, port={self.port}, upstream={self.upstream!r}, ...)"
 
 
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One flag as everything derived from its declaration sees it."""
-
-    name: str
-    type: type  # what tornado.options parses: str, int, float or bool
-    multiple: bool  # a comma-separated list
-    default: Any
-    help: str
-    bound: Bound = None
-    parse: Callable[[Any], Any] | None = None
-    choices: tuple[str, ...] = ()
-    shown: str | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def default_text(self) -> str:
-        if self.shown is not None:
-            return self.shown
-        if self.default in (None, (), {}):
-            return "(none)"
-        if isinstance(self.default, bool):
-            return str(self.default).lower()
-        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
-
-    def value(self, parsed: Any) -> Any:
-        """Tornado's parsed value as the `Settings` field holds it."""
-        if self.multiple:
-            parsed = [item.strip() for item in parsed if item.strip()]
-        if self.parse is not None:
-            return self.parse(parsed)
-        return tuple(parsed) if self.multiple else parsed
-
-
 def _declared() -> tuple[Setting, ...]:
     hints = get_type_hints(Settings)
     declared = []
@@ -333,22 +331,23 @@ def _declared() -> tuple[Setting, ...]:
         if "setting" not in f.metadata:
             continue
         hint = hints[f.name]
+        # Lists and mappings are comma-separated strings; X | None is parsed as X.
         multiple = get_origin(hint) in (tuple, Mapping)
-        # str | None is parsed as str; lists and mappings as comma-separated strings.
-        kind = str if multiple else next(a for a in get_args(hint) or (hint,) if a is not None)
+        args = [a for a in get_args(hint) if a is not type(None)]
+        kind = str if multiple else (args[0] if args else hint)
         default = f.default_factory() if callable(f.default_factory) else f.default
-        declared.append(Setting(f.name, kind, multiple, default, **f.metadata["setting"]))
+        declared.append(f.metadata["setting"](f.name, kind, multiple, default))
     return tuple(declared)
 
 
 # The settings a config file may set, then every flag: the file cannot name itself.
 SETTINGS = _declared()
 CONFIG = Setting(
-    "config",
-    str,
-    False,
-    None,
-    "the TOML config file: the robots (`[[robots]]`) and any setting above by its name"
+    name="config",
+    type=str,
+    multiple=False,
+    default=None,
+    help="the TOML config file: the robots (`[[robots]]`) and any setting above by its name"
     " (`session_ttl = 300`)",
     shown="./conf/relay.conf when present, else the packaged one",
 )
