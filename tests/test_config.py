@@ -97,6 +97,12 @@ def test_bad_configuration_is_one_clear_line(argv, env, message):
         load_settings(argv, env)
 
 
+def test_a_bad_auth_tokens_entry_is_named_by_its_form_not_echoed():
+    with pytest.raises(ConfigError) as refused:
+        load_settings(["--auth-tokens=tok-a:alice,tok-secret"], {})
+    assert str(refused.value) == "--auth-tokens: entries must be token:userId, separated by commas"
+
+
 def test_secrets_never_appear_in_the_settings_repr():
     s = load_settings(["--api-keys=sk-very-secret", "--auth-tokens=tok-secret:alice"], {})
     assert "secret" not in repr(s)
