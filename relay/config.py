@@ -1,5 +1,13 @@
 """Configuration: flags, ``RELAY_*`` environment variables and ``conf/relay.conf``.
 
+Each setting is declared once, as a `Settings` field made by `setting()`: the
+field gives its name, type and default, the call its meaning, bound and (where
+the plain value is not enough) how its string becomes the value. Everything
+else is derived from that: the tornado.options definitions, the environment
+name ``RELAY_<NAME>``, the config file key (the name itself), the validation,
+``--help`` (`help_text`) and the flags table of the README and docs/api.md
+(`flags_markdown`, written there by ``python -m relay.tools.flagdocs``).
+
 Precedence is flag > environment > file > default. Flags use tornado.options'
 ``--name=value`` form and its type parsing, so ``--api-keys=a,b`` and
 ``RELAY_API_KEYS=a,b`` give the same list. The config file is TOML (read with
@@ -13,11 +21,14 @@ entry point prints it and exits with status 2.
 
 from __future__ import annotations
 
+import copy
 import os
+import textwrap
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
@@ -27,8 +38,10 @@ from relay.resources import default_config
 
 ENV_PREFIX = "RELAY_"
 # tornado.options reads any word but false/0/f as true: "no" would turn a flag on.
-_BOOL_FLAGS = frozenset({"include_usage"})
 _BOOL_WORDS = frozenset({"true", "false", "1", "0", "t", "f"})
+
+T = TypeVar("T")
+Bound = Literal["positive", "not negative"] | None
 
 
 class ConfigError(Exception):
@@ -52,43 +65,260 @@ DEFAULT_ROBOTS = (Robot("1", "Assistant", system_prompt="You are a helpful assis
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """Every setting of the relay, resolved and validated. See the README's flags table."""
+class Setting:
+    """One flag as everything derived from its declaration sees it."""
 
-    host: str = "127.0.0.1"
-    port: int = 8888
-    upstream: str | None = None
-    api_keys: tuple[str, ...] = ()
-    key_strategy: str = "random"
-    model: str = "gpt-4o-mini"
-    session_ttl: float = 300.0
-    prune_interval: float = 300.0
-    heartbeat: float = 15.0
-    pace_ms: int = 0
-    upstream_connect_timeout: float = 30.0
-    upstream_idle_timeout: float = 60.0
-    upstream_timeout: float = 600.0
-    upstream_keepalive: float = 15.0
-    max_streams: int = 0  # 0: as many as the descriptor limit holds, at most 10,000
-    max_answers_per_user: int = 8
-    max_answers_per_address: int = 0
-    attach_grace: float = 30.0
-    resume_grace: float = 10.0
-    max_kept_mib: int = 512
-    rate_limit: int = 0
-    send_timeout: float = 30.0
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    idle_timeout: float = 60.0
-    auth_tokens: Mapping[str, str] = field(default_factory=dict)
-    cors_origins: tuple[str, ...] = ()
-    trusted_proxies: tuple[str, ...] = ()
-    store: str = "memory"
-    workers: int = 1
-    drain_timeout: float = 5.0
+    name: str
+    type: type  # what tornado.options parses: str, int, float or bool
+    multiple: bool  # a comma-separated list
+    default: Any
+    help: str
+    bound: Bound = None
+    parse: Callable[[Any], Any] | None = None
+    choices: tuple[str, ...] = ()
+    shown: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.default in (None, (), {}):
+            return "(none)"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    def value(self, parsed: Any) -> Any:
+        """Tornado's parsed value as the `Settings` field holds it."""
+        if self.multiple:
+            parsed = [item.strip() for item in parsed if item.strip()]
+        if self.parse is not None:
+            return self.parse(parsed)
+        return tuple(parsed) if self.multiple else parsed
+
+
+def setting(
+    default: T,
+    help: str,
+    *,
+    bound: Bound = None,
+    parse: Callable[[Any], T] | None = None,
+    choices: tuple[str, ...] = (),
+    shown: str | None = None,
+) -> T:
+    """A `Settings` field that is also a flag, an environment variable and a file key.
+
+    ``help`` is its one meaning (markdown), as both the docs tables and
+    ``--help`` show it. ``parse`` turns tornado's value (for a list, its
+    stripped non-empty items) into the field's, raising ValueError with the
+    reason; ``shown`` is the default as the docs show it, where the value alone
+    says too little.
+    """
+    # The rest of the Setting (name, type, default) comes from the field: see _declared.
+    meta = {
+        "setting": partial(
+            Setting, help=help, bound=bound, parse=parse, choices=choices, shown=shown
+        )
+    }
+    if isinstance(default, dict):  # dataclasses want a fresh mutable default per instance
+        return field(default_factory=lambda: copy.copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _base_url(url: str | None) -> str | None:
+    return (url or "").rstrip("/") or None
+
+
+def _networks(items: list[str]) -> tuple[str, ...]:
+    parse_networks(items)  # its ValueError names the bad entry
+    return tuple(items)
+
+
+def _auth_tokens(items: list[str]) -> dict[str, str]:
+    tokens = {}
+    for item in items:
+        token, sep, user = item.partition(":")
+        if not sep or not token or not user:
+            # Never the entry itself: it may be a token.
+            raise ValueError("entries must be token:userId, separated by commas")
+        tokens[token] = user
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the relay, resolved and validated (`setting` fields are the flags)."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8888, "port to listen on")
+    upstream: str | None = setting(
+        None,
+        "base URL of an OpenAI-compatible API; the relay POSTs `{upstream}/chat/completions`",
+        parse=_base_url,
+        shown="(none: the embedded demo)",
+    )
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "comma-separated upstream keys, sent as `Authorization: Bearer`; prefer the env var",
+    )
+    key_strategy: str = setting(
+        "random",
+        "`random` or `round_robin`; a key answered 401/403/429 cools down for 60 s and the next"
+        " key is tried, only while nothing has reached the client yet",
+        choices=("random", "round_robin"),
+    )
+    model: str = setting(
+        "gpt-4o-mini", "model for robots whose conf names none (a robot's own model wins)"
+    )
+    session_ttl: float = setting(
+        300.0, "seconds a uid session lives after its last activity", bound="positive"
+    )
+    prune_interval: float = setting(
+        300.0,
+        "seconds between prune runs (a tornado PeriodicCallback), and between full"
+        " garbage-collection passes",
+        bound="positive",
+    )
+    heartbeat: float = setting(
+        15.0, "seconds of silence after which a `: ping` comment is sent", bound="positive"
+    )
+    pace_ms: int = setting(
+        0,
+        "milliseconds between relayed content events (the typewriter effect; 0: none);"
+        " never blocks the loop",
+        bound="not negative",
+    )
+    upstream_connect_timeout: float = setting(30.0, "seconds to connect upstream", bound="positive")
+    upstream_idle_timeout: float = setting(
+        60.0,
+        "seconds of upstream silence (comments do not count) before giving up: 504 before the"
+        " first byte, `event: error` code `upstream_timeout` after",
+        bound="positive",
+    )
+    upstream_timeout: float = setting(
+        600.0,
+        "seconds an upstream call may last in all; a long answer must never be cut at 20 s",
+        bound="positive",
+    )
+    upstream_keepalive: float = setting(
+        15.0,
+        "seconds an idle connection to the model server is kept for the next call (0: a new"
+        ' connection per call, sent with `Connection: close`); docs/api.md, "Upstream connections"',
+        bound="not negative",
+    )
+    max_streams: int = setting(
+        0,
+        "concurrent client streams (one-shot and session streams alike) plus upstream calls"
+        " running with no stream (0: as many as the descriptor limit holds, at most 10000);"
+        ' beyond it: 503 `at_capacity` with Retry-After (docs/api.md, "Admission")',
+        bound="not negative",
+    )
+    max_answers_per_user: int = setting(
+        8,
+        "running answers (upstream calls) per user of `--auth-tokens` (0: no cap); beyond it:"
+        " 429 `too_many_answers`, `Retry-After: 1`",
+        bound="not negative",
+    )
+    max_answers_per_address: int = setting(
+        0,
+        "the same cap for anonymous clients, per client address (0: no cap, the default:"
+        " proxies and load testers share addresses)",
+        bound="not negative",
+    )
+    attach_grace: float = setting(
+        30.0,
+        "seconds a session may run before a reader attaches; then it is cancelled (`not_attached`)",
+        bound="positive",
+    )
+    resume_grace: float = setting(
+        10.0,
+        "seconds a keyed one-shot answer (`Idempotency-Key`) runs on after its client left with"
+        " no other reader; then it is cancelled (`not_attached`) unless a repeat came back"
+        " (0: at once)",
+        bound="not negative",
+    )
+    max_kept_mib: int = setting(
+        512,
+        "MiB of events all sessions of a process keep; past it the oldest finished sessions"
+        " are evicted (later GETs are 404)",
+        bound="positive",
+    )
+    rate_limit: int = setting(
+        0,
+        "new streams (one-shot POSTs and session POSTs; not reconnects) per minute per client"
+        " (token, else address; 0: off); beyond it: 429 with Retry-After",
+        bound="not negative",
+    )
+    send_timeout: float = setting(
+        30.0,
+        "seconds a client may leave written data undrained before it is disconnected",
+        bound="positive",
+    )
+    header_timeout: float = setting(
+        10.0,
+        "seconds a client may take to send a request's headers, in all (from the accept, or"
+        " from the first byte of a kept-alive connection's next request); then the connection"
+        " is closed",
+        bound="positive",
+    )
+    body_timeout: float = setting(
+        30.0,
+        "seconds a client may take to send a request body, in all; then the connection is closed",
+        bound="positive",
+    )
+    idle_timeout: float = setting(
+        60.0,
+        "seconds a kept-alive connection may wait before its next request begins; then it is"
+        " closed",
+        bound="positive",
+    )
+    auth_tokens: Mapping[str, str] = setting(
+        {},
+        "`token:userId,...`; when set every /aianswer call needs `Authorization: Bearer <token>`",
+        parse=_auth_tokens,
+        shown="(none: open)",
+    )
+    cors_origins: tuple[str, ...] = setting(
+        (), "comma-separated allowed origins", shown="(none: same origin only)"
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "comma-separated CIDRs of proxies whose `X-Forwarded-For` (else `X-Real-IP`) names the"
+        " client for rate limits, caps and logs (docs/operations.md)",
+        parse=_networks,
+    )
+    store: str = setting(
+        "memory",
+        "`memory`, or `redis://host:port/db` to share sessions between processes and hosts",
+    )
+    workers: int = setting(
+        1,
+        "processes serving one port (0: one per core); more than one needs the Redis store",
+        bound="not negative",
+    )
+    drain_timeout: float = setting(
+        5.0,
+        "seconds SIGTERM lets open streams and running answers finish before they are told"
+        " `shutdown`, everything still served and `/readyz` answering 503 meanwhile (0: no"
+        " drain); SIGINT shuts down at once",
+        bound="not negative",
+    )
+    demo_token_delay: float = setting(0.02, "seconds between tokens of the embedded demo upstream")
+    include_usage: bool = setting(
+        True,
+        "ask the model server for usage (`stream_options.include_usage`); a robot's"
+        " `includeUsage` in the conf wins when set",
+    )
+    # The config file's [[robots]] only: not a flag.
     robots: tuple[Robot, ...] = DEFAULT_ROBOTS
-    demo_token_delay: float = 0.02
-    include_usage: bool = True
 
     def robot(self, robot_id: str) -> Robot | None:
         for robot in self.robots:
@@ -101,179 +331,94 @@ class Settings:
         return f"Settings(host={self.host!r}, port={self.port}, upstream={self.upstream!r}, ...)"
 
 
-def _define(parser: OptionParser) -> None:
-    d = parser.define
-    d(
-        "config",
-        type=str,
-        help="TOML config file (default ./conf/relay.conf when present, else the packaged one)",
-    )
-    d("host", default="127.0.0.1", type=str, help="address to listen on")
-    d("port", default=8888, type=int, help="port to listen on")
-    d(
-        "upstream",
-        type=str,
-        help="base URL of an OpenAI-compatible API (default: embedded demo)",
-    )
-    d("api_keys", type=str, multiple=True, help="comma-separated upstream API keys")
-    d("key_strategy", default="random", type=str, help="random or round_robin")
-    d("model", default="gpt-4o-mini", type=str, help="model for robots that name none")
-    d(
-        "session_ttl",
-        default=300.0,
-        type=float,
-        help="seconds a session lives after activity",
-    )
-    d("prune_interval", default=300.0, type=float, help="seconds between prune runs")
-    d(
-        "heartbeat",
-        default=15.0,
-        type=float,
-        help="seconds of silence before a ': ping'",
-    )
-    d("pace_ms", default=0, type=int, help="delay between relayed content events")
-    d(
-        "upstream_connect_timeout",
-        default=30.0,
-        type=float,
-        help="seconds to connect upstream",
-    )
-    d(
-        "upstream_idle_timeout",
-        default=60.0,
-        type=float,
-        help="seconds of upstream silence",
-    )
-    d(
-        "upstream_timeout",
-        default=600.0,
-        type=float,
-        help="seconds an upstream call may last",
-    )
-    d(
-        "upstream_keepalive",
-        default=15.0,
-        type=float,
-        help="seconds an idle upstream connection is kept for reuse (0: none)",
-    )
-    d(
-        "max_streams",
-        default=0,
-        type=int,
-        help="concurrent client streams plus upstream calls with no stream"
-        " (0: as many as the descriptor limit holds, at most 10000)",
-    )
-    d(
-        "max_answers_per_user",
-        default=8,
-        type=int,
-        help="running answers per --auth-tokens user (0: no cap)",
-    )
-    d(
-        "max_answers_per_address",
-        default=0,
-        type=int,
-        help="running answers per anonymous client address (0: no cap)",
-    )
-    d(
-        "attach_grace",
-        default=30.0,
-        type=float,
-        help="seconds a session may run before a reader attaches",
-    )
-    d(
-        "resume_grace",
-        default=10.0,
-        type=float,
-        help="seconds a keyed one-shot answer runs on after its reader left",
-    )
-    d(
-        "max_kept_mib",
-        default=512,
-        type=int,
-        help="MiB of events all sessions keep; past it the oldest finished go",
-    )
-    d(
-        "rate_limit",
-        default=0,
-        type=int,
-        help="new streams per minute per client (0: off)",
-    )
-    d(
-        "send_timeout",
-        default=30.0,
-        type=float,
-        help="seconds a client may leave data undrained",
-    )
-    d(
-        "header_timeout",
-        default=10.0,
-        type=float,
-        help="seconds a client may take to send a request's headers, in all",
-    )
-    d(
-        "body_timeout",
-        default=30.0,
-        type=float,
-        help="seconds a client may take to send a request body, in all",
-    )
-    d(
-        "idle_timeout",
-        default=60.0,
-        type=float,
-        help="seconds a kept-alive connection may wait for its next request",
-    )
-    d("auth_tokens", type=str, multiple=True, help="token:userId,... (default: open)")
-    d("cors_origins", type=str, multiple=True, help="allowed CORS origins")
-    d(
-        "trusted_proxies",
-        type=str,
-        multiple=True,
-        help="CIDRs of proxies whose X-Forwarded-For / X-Real-IP name the client (default: none)",
-    )
-    d("store", default="memory", type=str, help="memory or redis://host:port/db")
-    d(
-        "workers",
-        default=1,
-        type=int,
-        help="processes serving the port (0: one per core)",
-    )
-    d(
-        "drain_timeout",
-        default=5.0,
-        type=float,
-        help="seconds SIGTERM lets open streams and running answers finish (0: none)",
-    )
-    d("demo_token_delay", default=0.02, type=float, help="seconds between demo tokens")
-    d(
-        "include_usage",
-        default=True,
-        type=bool,
-        help="ask the upstream for usage (stream_options.include_usage)",
-    )
+def _declared() -> tuple[Setting, ...]:
+    hints = get_type_hints(Settings)
+    declared = []
+    for f in fields(Settings):
+        if "setting" not in f.metadata:
+            continue
+        hint = hints[f.name]
+        # Lists and mappings are comma-separated strings; X | None is parsed as X.
+        multiple = get_origin(hint) in (tuple, Mapping)
+        args = [a for a in get_args(hint) if a is not type(None)]
+        kind = str if multiple else (args[0] if args else hint)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        declared.append(f.metadata["setting"](f.name, kind, multiple, default))
+    return tuple(declared)
 
 
-def _apply_strings(parser: OptionParser, triples: Sequence[tuple[str, str, str]]) -> None:
-    """Set options from (name, value, where-it-came-from) strings with tornado's type parsing."""
-    for name, value, where in triples:
-        if name not in parser or name == "help":
-            raise ConfigError(f"unknown {where}")
-        if name.replace("-", "_") in _BOOL_FLAGS and value.lower() not in _BOOL_WORDS:
-            raise ConfigError(f"bad value for {where}: true or false")
-        try:
-            parser.parse_command_line(["relay", f"--{name}={value}"], final=False)
-        except (OptionsError, ValueError):
-            raise ConfigError(f"bad value for {where}") from None
+# The settings a config file may set, then every flag: the file cannot name itself.
+SETTINGS = _declared()
+CONFIG = Setting(
+    name="config",
+    type=str,
+    multiple=False,
+    default=None,
+    help="the TOML config file: the robots (`[[robots]]`) and any setting above by its name"
+    " (`session_ttl = 300`)",
+    shown="./conf/relay.conf when present, else the packaged one",
+)
+FLAGS = (*SETTINGS, CONFIG)
+_BY_NAME = {s.name: s for s in FLAGS}
 
 
-def _split_args(argv: Sequence[str]) -> list[tuple[str, str, str]]:
-    triples = []
+def help_text() -> str:
+    """What ``--help`` prints: every flag with its environment name, default and meaning."""
+    lines = [
+        "usage: tornado-llm-relay [--name=value ...]  (or python -m relay, python server.py)",
+        "",
+        "Each flag can also be set by its environment variable, or in the config file by its",
+        "name with underscores. Precedence: flag > env > file > default.",
+    ]
+    indent = " " * 6
+    for s in FLAGS:
+        lines += ["", f"  {s.flag}  ({s.env}; default: {s.default_text})"]
+        lines += textwrap.wrap(s.help, 92, initial_indent=indent, subsequent_indent=indent)
+    return "\n".join(lines) + "\n"
+
+
+def flags_markdown() -> str:
+    """The flags table of the README and docs/api.md (``python -m relay.tools.flagdocs``)."""
+    rows = [f"| `{s.flag}` | `{s.env}` | {s.default_text} | {s.help} |" for s in FLAGS]
+    return "\n".join(["| flag | env | default | meaning |", "|---|---|---|---|", *rows]) + "\n"
+
+
+def _split_args(argv: Sequence[str]) -> list[tuple[Setting, str, str]]:
+    entries = []
     for arg in argv:
         name, equals, value = arg.lstrip("-").partition("=")
         if not arg.startswith("--") or not equals:
             raise ConfigError(f"flags take the form --name=value, got {arg.split('=')[0]!r}")
-        triples.append((name, value, f"flag --{name}"))
-    return triples
+        where = f"flag --{name}"
+        entries.append((_lookup(name.replace("-", "_"), where), value, where))
+    return entries
+
+
+def _lookup(name: str, where: str, in_file: bool = False) -> Setting:
+    s = _BY_NAME.get(name)
+    if s is None or (in_file and s is CONFIG):
+        raise ConfigError(f"unknown {where}")
+    return s
+
+
+def _env_entries(environ: Mapping[str, str]) -> list[tuple[Setting, str, str]]:
+    entries = []
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            where = f"environment variable {key}"
+            entries.append((_lookup(key[len(ENV_PREFIX) :].lower(), where), value, where))
+    return entries
+
+
+def _apply(parser: OptionParser, entries: Iterable[tuple[Setting, str, str]]) -> None:
+    """Set options from (setting, value, where-it-came-from) strings with tornado's type parsing."""
+    for s, value, where in entries:
+        if s.type is bool and value.lower() not in _BOOL_WORDS:
+            raise ConfigError(f"bad value for {where}: true or false")
+        try:
+            parser.parse_command_line(["relay", f"--{s.name}={value}"], final=False)
+        except (OptionsError, ValueError):
+            raise ConfigError(f"bad value for {where}") from None
 
 
 def _read_file(path: str, explicit: bool) -> dict[str, Any]:
@@ -288,17 +433,18 @@ def _read_file(path: str, explicit: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
-def _apply_file(parser: OptionParser, values: Mapping[str, Any]) -> None:
+def _file_entries(values: Mapping[str, Any]) -> list[tuple[Setting, str, str]]:
+    entries = []
     for name, value in values.items():
         if name == "robots":
             continue
-        if name not in parser or name in ("help", "config"):
-            raise ConfigError(f"unknown config file key {name!r}")
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
-        _apply_strings(parser, [(name, str(value), f"config file key {name!r}")])
+        where = f"config file key {name!r}"
+        entries.append((_lookup(name, where, in_file=True), str(value), where))
+    return entries
 
 
 def _robots(raw: Any, path: str) -> tuple[Robot, ...]:
@@ -332,60 +478,23 @@ def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _auth_tokens(entries: list[str]) -> dict[str, str]:
-    tokens = {}
-    for entry in entries:
-        token, sep, user = entry.partition(":")
-        if not sep or not token or not user:
-            raise ConfigError("--auth-tokens takes token:userId pairs separated by commas")
-        tokens[token] = user
-    return tokens
-
-
-def _validate(s: Settings) -> None:
-    if not 0 <= s.port <= 65535:
+def _validate(settings: Settings) -> None:
+    for s in SETTINGS:
+        value = getattr(settings, s.name)
+        if s.choices and value not in s.choices:
+            raise ConfigError(f"{s.flag} must be {' or '.join(s.choices)}")
+        if s.bound == "positive" and value <= 0:
+            raise ConfigError(f"{s.flag} must be positive")
+        if s.bound == "not negative" and value < 0:
+            raise ConfigError(f"{s.flag} must not be negative")
+    # Shapes of single values, and settings that only work together.
+    if not 0 <= settings.port <= 65535:
         raise ConfigError("--port must be between 0 and 65535")
-    if s.key_strategy not in ("random", "round_robin"):
-        raise ConfigError("--key-strategy must be random or round_robin")
-    if s.upstream is not None and not s.upstream.startswith(("http://", "https://")):
+    if settings.upstream is not None and not settings.upstream.startswith(("http://", "https://")):
         raise ConfigError("--upstream must be an http:// or https:// URL")
-    try:
-        parse_networks(s.trusted_proxies)
-    except ValueError as e:
-        raise ConfigError(f"--trusted-proxies: {e}") from None
-    positive = (
-        "session_ttl",
-        "prune_interval",
-        "heartbeat",
-        "upstream_connect_timeout",
-        "upstream_idle_timeout",
-        "upstream_timeout",
-        "send_timeout",
-        "header_timeout",
-        "body_timeout",
-        "idle_timeout",
-        "attach_grace",
-        "max_kept_mib",
-    )
-    for name in positive:
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    for name in (
-        "max_streams",
-        "pace_ms",
-        "rate_limit",
-        "resume_grace",
-        "workers",
-        "drain_timeout",
-        "upstream_keepalive",
-        "max_answers_per_user",
-        "max_answers_per_address",
-    ):
-        if getattr(s, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-    if s.store != "memory" and not s.store.startswith("redis://"):
+    if settings.store != "memory" and not settings.store.startswith("redis://"):
         raise ConfigError("--store must be memory or redis://host:port/db")
-    if s.workers != 1 and s.store == "memory":
+    if settings.workers != 1 and settings.store == "memory":
         raise ConfigError("--workers other than 1 needs --store=redis://host:port/db")
 
 
@@ -393,57 +502,25 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
     """Resolve settings from flags (``argv`` without the program name), env and file."""
     environ = os.environ if environ is None else environ
     parser = OptionParser()
-    _define(parser)
+    for s in FLAGS:
+        # A list's default is tornado's empty list; `Setting.value` makes it the field's.
+        default = None if s.multiple else s.default
+        parser.define(s.name, default=default, type=s.type, multiple=s.multiple, help=s.help)
     flags = _split_args(argv)
-    env = [
-        (key[len(ENV_PREFIX) :].lower(), value, f"environment variable {key}")
-        for key, value in environ.items()
-        if key.startswith(ENV_PREFIX)
-    ]
+    env = _env_entries(environ)
     # The config file's name itself follows the same precedence.
-    named = {parser_name.replace("-", "_"): v for parser_name, v, _ in env + flags}
-    path = named.get("config")
+    path = {s.name: value for s, value, _ in env + flags}.get(CONFIG.name)
     file = path or default_config()
     data = _read_file(file, explicit=path is not None)
-    _apply_file(parser, data)
-    _apply_strings(parser, env)
-    _apply_strings(parser, flags)
-    o = parser.as_dict()
-    settings = Settings(
-        host=o["host"],
-        port=o["port"],
-        upstream=o["upstream"].rstrip("/") if o["upstream"] else None,
-        api_keys=tuple(k.strip() for k in o["api_keys"] if k.strip()),
-        key_strategy=o["key_strategy"],
-        model=o["model"],
-        session_ttl=o["session_ttl"],
-        prune_interval=o["prune_interval"],
-        heartbeat=o["heartbeat"],
-        pace_ms=o["pace_ms"],
-        upstream_connect_timeout=o["upstream_connect_timeout"],
-        upstream_idle_timeout=o["upstream_idle_timeout"],
-        upstream_timeout=o["upstream_timeout"],
-        upstream_keepalive=o["upstream_keepalive"],
-        max_streams=o["max_streams"],
-        max_answers_per_user=o["max_answers_per_user"],
-        max_answers_per_address=o["max_answers_per_address"],
-        attach_grace=o["attach_grace"],
-        resume_grace=o["resume_grace"],
-        max_kept_mib=o["max_kept_mib"],
-        rate_limit=o["rate_limit"],
-        send_timeout=o["send_timeout"],
-        header_timeout=o["header_timeout"],
-        body_timeout=o["body_timeout"],
-        idle_timeout=o["idle_timeout"],
-        auth_tokens=_auth_tokens([t.strip() for t in o["auth_tokens"] if t.strip()]),
-        cors_origins=tuple(c.strip() for c in o["cors_origins"] if c.strip()),
-        trusted_proxies=tuple(p.strip() for p in o["trusted_proxies"] if p.strip()),
-        store=o["store"],
-        workers=o["workers"],
-        drain_timeout=o["drain_timeout"],
-        robots=_robots(data.get("robots"), file),
-        demo_token_delay=o["demo_token_delay"],
-        include_usage=o["include_usage"],
-    )
+    for entries in (_file_entries(data), env, flags):
+        _apply(parser, entries)
+    parsed = parser.as_dict()
+    values = {}
+    for s in SETTINGS:
+        try:
+            values[s.name] = s.value(parsed[s.name])
+        except ValueError as e:
+            raise ConfigError(f"{s.flag}: {e}") from None
+    settings = Settings(robots=_robots(data.get("robots"), file), **values)
     _validate(settings)
     return settings

@@ -39,7 +39,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from relay.app import make_app
-from relay.config import ConfigError, Settings, load_settings
+from relay.config import ConfigError, Settings, help_text, load_settings
 from relay.connections import make_http_server
 
 log = logging.getLogger("relay")
@@ -54,8 +54,13 @@ def self_url(host: str, port: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (``tornado-llm-relay``, ``python -m relay``, ``python server.py``)."""
+    args = sys.argv[1:] if argv is None else argv
+    # Before anything is loaded: help must work whatever else is wrong.
+    if "--help" in args or "-h" in args:
+        print(help_text(), end="")
+        return 0
     try:
-        settings = load_settings(sys.argv[1:] if argv is None else argv)
+        settings = load_settings(args)
     except ConfigError as e:
         print(f"relay: {e}", file=sys.stderr)
         return 2

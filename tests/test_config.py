@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_settings
+from relay.config import FLAGS, SETTINGS, ConfigError, Settings, load_settings
+from relay.serve import main
+from relay.tools import flagdocs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +95,12 @@ def test_shipped_conf_file_loads():
 def test_bad_configuration_is_one_clear_line(argv, env, message):
     with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
         load_settings(argv, env)
+
+
+def test_a_bad_auth_tokens_entry_is_named_by_its_form_not_echoed():
+    with pytest.raises(ConfigError) as refused:
+        load_settings(["--auth-tokens=tok-a:alice,tok-secret"], {})
+    assert str(refused.value) == "--auth-tokens: entries must be token:userId, separated by commas"
 
 
 def test_secrets_never_appear_in_the_settings_repr():
@@ -210,3 +223,91 @@ def test_bad_include_usage_values_are_one_clear_line(tmp_path, argv, env, conf, 
     path = write_conf(tmp_path, conf)
     with pytest.raises(ConfigError, match=message):
         load_settings([f"--config={path}", *argv], env)
+
+
+def test_every_settings_field_but_the_robots_is_a_declared_flag():
+    assert {f.name for f in fields(Settings)} - {"robots"} == {s.name for s in SETTINGS}
+
+
+def _as_text(value: object) -> str:
+    """A declared default as a flag or env value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value in (None, (), {}) else str(value)
+
+
+def _as_toml(value: object) -> str:
+    """A declared default as a config file value: lists are arrays, None the empty string."""
+    if isinstance(value, tuple | dict):
+        return "[]"
+    return json.dumps("" if value is None else value)
+
+
+def test_every_setting_is_a_flag_an_env_var_and_a_file_key(tmp_path):
+    """Each declared default, given back through each way in, is what a bare start gets."""
+    empty = tmp_path / "empty.conf"
+    empty.touch()
+    bare = load_settings([f"--config={empty}"], {})
+    assert bare == Settings()
+    flags = [f"{s.flag}={_as_text(s.default)}" for s in SETTINGS]
+    env = {s.env: _as_text(s.default) for s in SETTINGS}
+    conf = write_conf(tmp_path, "".join(f"{s.name} = {_as_toml(s.default)}\n" for s in SETTINGS))
+    assert load_settings([f"--config={empty}", *flags], {}) == bare
+    assert load_settings([], {"RELAY_CONFIG": str(empty), **env}) == bare
+    assert load_settings([f"--config={conf}"], {}) == bare
+
+
+def test_the_config_file_cannot_name_itself(tmp_path):
+    conf = write_conf(tmp_path, 'config = "other.conf"\n')
+    with pytest.raises(ConfigError, match="unknown config file key 'config'"):
+        load_settings([f"--config={conf}"], {})
+
+
+def test_every_key_of_the_shipped_conf_is_a_setting_even_commented_out():
+    text = (ROOT / "conf" / "relay.conf").read_text(encoding="utf-8")
+    top = text.split("[[robots]]")[0]
+    keys = re.findall(r"^#?\s*([a-z_]+)\s*=", top, re.MULTILINE)
+    assert keys and set(keys) <= {s.name for s in SETTINGS}, set(keys)
+    assert set(tomllib.loads(top)) <= {s.name for s in SETTINGS}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--port=bogus", "--help"]])
+def test_help_prints_every_flag_with_its_env_name_default_and_meaning(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for s in FLAGS:
+        assert f"  {s.flag}  ({s.env}; default: {s.default_text})" in out
+        assert " ".join(s.help.split()[:4]) in out
+    assert "flag > env > file > default" in out
+
+
+@pytest.mark.parametrize("doc", flagdocs.DOCS, ids=lambda doc: doc.name)
+def test_the_docs_flags_table_is_the_generated_one(doc):
+    text = doc.read_text(encoding="utf-8")
+    assert flagdocs.rewritten(text) == text, (
+        f"the flags table of {doc.relative_to(ROOT)} differs from relay/config.py:"
+        f" run {flagdocs.COMMAND}"
+    )
+
+
+def test_flagdocs_check_finds_drift_and_the_rewrite_ends_it(tmp_path, capsys):
+    doc = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", doc)
+    assert flagdocs.main(["--check"], [doc]) == 0
+    doc.write_text(doc.read_text().replace("| 8888 |", "| 8080 |"))
+    assert flagdocs.main(["--check"], [doc]) == 1
+    assert flagdocs.COMMAND in capsys.readouterr().out
+    assert flagdocs.main([], [doc]) == 0
+    assert doc.read_text() == (ROOT / "README.md").read_text()
+
+
+def test_the_product_never_imports_the_tools():
+    for path in (ROOT / "relay").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("relay.tools") for n in names), path.name
