@@ -107,8 +107,13 @@ def test_the_console_command_serves_page_robots_and_answers_from_an_empty_direct
         )
         assert text == demo.answer_for(QUESTION)
         assert events[-1].data == "[DONE]"
-        # Quiet start: nothing but where it listens and which upstream it uses.
-        assert "WARNING" not in relay.log.read_text()
+        # Quiet start: one line, where it listens and which upstream it uses; then access lines.
+        first, *rest = relay.log.read_text().splitlines()
+        assert (
+            "relay listening on http://127.0.0.1:" in first
+            and "upstream the embedded demo" in first
+        )
+        assert all(" tornado.access: " in line or " relay.access: " in line for line in rest), rest
     finally:
         relay.stop()
 
