@@ -1,7 +1,7 @@
 """HTTP/1.1 response framing without I/O: bytes in, the head and the de-framed body out.
 
 Shared by the relay's upstream client (`relay.httpclient`) and the load tester
-(`relay.loadtest`): both read long streamed responses from a socket in
+(`relay.tools.loadtest`): both read long streamed responses from a socket in
 whatever blocks arrive, and both want each block's body bytes in one piece.
 Handles a status line with headers (skipping interim 1xx responses), then a
 body framed by ``Transfer-Encoding: chunked`` (extensions and trailers

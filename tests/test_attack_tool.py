@@ -1,10 +1,10 @@
-"""The benchmark's attacker (relay.attack) against a real relay: it attacks, and stops."""
+"""The benchmark's attacker (relay.tools.attack) against a real relay: it attacks, and stops."""
 
 from __future__ import annotations
 
 import pytest
 
-from relay import attack
+from relay.tools import attack
 from tests.conftest import ASK, fetch_stream
 
 

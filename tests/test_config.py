@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -299,15 +298,3 @@ def test_flagdocs_check_finds_drift_and_the_rewrite_ends_it(tmp_path, capsys):
     assert flagdocs.COMMAND in capsys.readouterr().out
     assert flagdocs.main([], [doc]) == 0
     assert doc.read_text() == (ROOT / "README.md").read_text()
-
-
-def test_the_product_never_imports_the_tools():
-    for path in (ROOT / "relay").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            assert not any(n.startswith("relay.tools") for n in names), path.name

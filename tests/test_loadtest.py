@@ -1,4 +1,4 @@
-"""The load-testing tools on loopback: relay.fakeupstream alone, and relay.loadtest against a
+"""The load-testing tools on loopback: relay.tools.fakeupstream alone, and relay.tools.loadtest against a
 real relay in front of it (in this process, and as the CLI with worker processes)."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from tornado.httpclient import HTTPRequest
 
-from relay import fakeupstream, loadtest
-from relay.fakeupstream import Answer, FakeUpstream, expected_text
 from relay.httpclient import StreamingHTTPClient
-from relay.loadtest import Histogram, LoadConfig
 from relay.sse import SSEParser
+from relay.tools import fakeupstream, loadtest
+from relay.tools.fakeupstream import Answer, FakeUpstream, expected_text
+from relay.tools.loadtest import Histogram, LoadConfig
 from tests.conftest import eventually, fetch_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ async def test_cli_session_mode_with_two_processes_writes_the_json_result(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "relay.loadtest",
+        "relay.tools.loadtest",
         f"--url={rs.url}",
         "--mode=session",
         "--streams=10",

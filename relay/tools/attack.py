@@ -1,6 +1,6 @@
 """An attacker for the benchmark's "under attack" scenario: slow bodies and a session flood.
 
-    python -m relay.attack --url=http://127.0.0.1:8888 --slow=2000 --posts-per-s=100 --duration=30
+    python -m relay.tools.attack --url=http://127.0.0.1:8888 --slow=2000 --posts-per-s=100 --duration=30
 
 For ``--duration`` seconds it keeps ``--slow`` connections open that each send a
 ``POST /aianswer/streamAsk`` head announcing 1,000 bytes of body, then one byte
@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from relay.fakeupstream import is_loopback
 from relay.limits import raise_fd_limit
+from relay.tools.fakeupstream import is_loopback
 
 SLOW_HEAD = (
     b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -114,7 +114,7 @@ async def run(url: str, slow: int, posts_per_s: float, duration: float) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m relay.attack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m relay.tools.attack", description=__doc__)
     parser.add_argument("--url", required=True)
     parser.add_argument("--slow", type=int, default=2000, help="slow-body connections held")
     parser.add_argument("--posts-per-s", type=float, default=100, help="session POSTs a second")

@@ -1,15 +1,15 @@
 """The benchmark: the fake upstream directly, nginx as a pass-through proxy, and the relay,
 measured side by side in one run on one machine. Writes a Markdown table.
 
-    python -m relay.bench --runs=3 --out=docs/benchmarks.md      # every scenario
-    python -m relay.bench --scenarios=a,b --runs=1                # a quick look
+    python -m relay.tools.bench --runs=3 --out=docs/benchmarks.md      # every scenario
+    python -m relay.tools.bench --scenarios=a,b --runs=1                # a quick look
 
 Scenarios (see docs/benchmarks.md): a) 1,000 streams at 50 tokens/s, 200 tokens; b) 100
 streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,000 streams at
 50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
 f) short streams (one token each), for the CPU cost of a new stream; g) 100 streams at 50
 tokens/s, for the time to first token the relay adds when it is not busy; h) scenario a's
-load on the relay alone and again under attack (`relay.attack`: 2,000 slow-body connections
+load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body connections
 and 100 session POSTs a second that nobody reads).
 
 Targets are each run in a fresh process: the fake upstream (always), then for each target in
@@ -172,7 +172,7 @@ def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess
         [
             PY,
             "-m",
-            "relay.fakeupstream",
+            "relay.tools.fakeupstream",
             f"--port={port}",
             f"--tokens={tokens}",
             f"--interval-ms={interval_ms}",
@@ -287,7 +287,7 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
         [
             PY,
             "-m",
-            "relay.loadtest",
+            "relay.tools.loadtest",
             f"--url={target.url}",
             f"--mode={target.mode}",
             f"--streams={sc.streams}",
@@ -332,9 +332,9 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
 
 
 def start_attack(target: Target, duration: float) -> subprocess.Popen:
-    """`relay.attack` against ``target`` for ``duration`` seconds; its JSON on stdout."""
+    """`relay.tools.attack` against ``target`` for ``duration`` seconds; its JSON on stdout."""
     return subprocess.Popen(
-        [PY, "-m", "relay.attack", f"--url={target.url}", f"--duration={duration}"],
+        [PY, "-m", "relay.tools.attack", f"--url={target.url}", f"--duration={duration}"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -429,7 +429,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m relay.bench", description=__doc__.split("\n")[0]
+        prog="python -m relay.tools.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--scenarios", default="a,b,c,d,e,f,g", help="comma-separated keys")
     parser.add_argument("--runs", type=int, default=3, help="runs per target; medians reported")

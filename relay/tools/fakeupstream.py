@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible streaming server for benchmarks: ``POST /v1/chat/completions``.
 
-    python -m relay.fakeupstream --port=9000 --tokens=200 --interval-ms=20
+    python -m relay.tools.fakeupstream --port=9000 --tokens=200 --interval-ms=20
 
 Every request gets the same deterministic answer of ``--tokens`` tokens (Chinese
 and English, punctuation, quotes, an emoji and whitespace-only tokens such as
@@ -491,7 +491,7 @@ def _supervise(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m relay.fakeupstream",
+        prog="python -m relay.tools.fakeupstream",
         description="Fake OpenAI-compatible streaming server for relay benchmarks (loopback only).",
     )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")

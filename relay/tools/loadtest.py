@@ -1,13 +1,13 @@
 """Load tester for the relay: hold N concurrent SSE streams for a while and measure them.
 
-    python -m relay.loadtest --url=http://127.0.0.1:8888 --streams=1000 --duration=30 --ramp=5
+    python -m relay.tools.loadtest --url=http://127.0.0.1:8888 --streams=1000 --duration=30 --ramp=5
 
 N stream "slots" start evenly over ``--ramp`` seconds; each runs one stream after
 another (one-shot ``POST /aianswer/streamAsk``, or the session flow POST, GET,
 DELETE) until ``--duration`` is over, so concurrency stays at N. Streams still
 running then finish (bounded by ``--timeout``) and the run stops by itself.
 Measured: time to first event, gaps between events, lag (arrival time minus the
-upstream's send time, from the ``"t"`` field that `relay.fakeupstream` puts
+upstream's send time, from the ``"t"`` field that `relay.tools.fakeupstream` puts
 first in every chunk), events/s, bytes, errors by kind, text exactness on a
 sample of streams, and the load generator's own CPU, so a saturated generator
 is not mistaken for a slow relay. See docs/loadtest.md for every flag and number.
@@ -50,10 +50,10 @@ from urllib.parse import urlsplit
 
 import ujson
 
-from relay.fakeupstream import expected_text, is_loopback
 from relay.http1 import ProtocolError, ResponseParser
 from relay.limits import raise_fd_limit
 from relay.sse import SSEParser
+from relay.tools.fakeupstream import expected_text, is_loopback
 
 __all__ = ["Histogram", "LoadConfig", "Stats", "build_result", "main", "run", "run_async"]
 
@@ -1084,7 +1084,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m relay.loadtest",
+        prog="python -m relay.tools.loadtest",
         description="Hold N concurrent SSE streams against the relay and measure them.",
     )
     a = p.add_argument
@@ -1166,7 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main, not this __main__ copy: worker processes then
-    # unpickle relay.loadtest's functions and classes, the same ones the parent has.
-    from relay.loadtest import main as _main
+    # unpickle relay.tools.loadtest's functions and classes, the same ones the parent has.
+    from relay.tools.loadtest import main as _main
 
     sys.exit(_main())
