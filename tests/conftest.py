@@ -25,7 +25,7 @@ from relay.httpclient import CancelHandle, _ResponseReader
 from relay.sessions import Session
 from relay.sse import ServerSentEvent, SSEParser
 from relay.upstream import UpstreamCall
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import ScriptedUpstream
 from tests.processes import RelayProcess
 
 
@@ -37,8 +37,8 @@ class RelayServer:
 
 
 @pytest.fixture
-def fake(io_loop) -> FakeUpstream:
-    upstream = FakeUpstream()
+def fake(io_loop) -> ScriptedUpstream:
+    upstream = ScriptedUpstream()
     yield upstream
     upstream.stop()
 

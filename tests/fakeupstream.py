@@ -47,7 +47,7 @@ def answer_frames(tokens: Sequence[str], finish: bool = True) -> list[bytes]:
 
 
 class CompletionsHandler(RequestHandler):
-    def initialize(self, fake: FakeUpstream) -> None:
+    def initialize(self, fake: ScriptedUpstream) -> None:
         self.fake = fake
 
     async def post(self) -> None:
@@ -81,7 +81,10 @@ class CompletionsHandler(RequestHandler):
         await self.flush()
 
 
-class FakeUpstream:
+class ScriptedUpstream:
+    """The tests' upstream: each request runs ``script`` (not the benchmark's fake,
+    `relay.tools.fakeupstream.FakeUpstream`, which always sends one fixed answer)."""
+
     def __init__(self, ssl_options: ssl.SSLContext | None = None) -> None:
         sock, self.port = bind_unused_port()
         scheme = "https" if ssl_options else "http"

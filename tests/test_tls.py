@@ -8,7 +8,7 @@ import pytest
 import trustme
 
 from tests.conftest import ASK, fetch_stream
-from tests.fakeupstream import FakeUpstream, stream_tokens
+from tests.fakeupstream import ScriptedUpstream, stream_tokens
 
 TOKENS = ["你好", "，", "\n\n", " TLS", " world"]
 
@@ -22,7 +22,7 @@ def ca() -> trustme.CA:
 def tls_fake(io_loop, ca):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
-    upstream = FakeUpstream(ssl_options=context)
+    upstream = ScriptedUpstream(ssl_options=context)
     upstream.script = stream_tokens(TOKENS)
     yield upstream
     upstream.stop()
