@@ -9,13 +9,16 @@ streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,
 50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
 f) short streams (one token each), for the CPU cost of a new stream; g) 100 streams at 50
 tokens/s, for the time to first token the relay adds when it is not busy; h) scenario a's
-load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body connections
-and 100 session POSTs a second that nobody reads).
+load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body
+connections and 100 session POSTs a second that nobody reads).
 
 Targets are each run in a fresh process: the fake upstream (always), then for each target in
 turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
 in its own processes. CPU per event is what survives a noisy machine: it is read from
 /proc for the target's processes only. Everything listens on 127.0.0.1.
+
+Every process comes from the installed package (the relay is ``python -m relay``; in a
+checkout, ``pip install -e .``), so the bench runs from any working directory.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# Children run in the run's scratch directory (cwd), so no ./conf of the caller's reaches the relay.
 PY = sys.executable
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -177,7 +180,7 @@ def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess
             f"--tokens={tokens}",
             f"--interval-ms={interval_ms}",
         ],
-        cwd=ROOT,
+        cwd=workdir,
         stderr=(workdir / "fake.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}/v1"
@@ -210,7 +213,7 @@ http {{ access_log off;
         url = f"http://127.0.0.1:{port}/v1"
         wait_http(f"http://127.0.0.1:{port}/")
         return Target(name, url, "upstream", [proc])
-    args = [PY, "server.py", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
+    args = [PY, "-m", "relay", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
     procs = []
     if name == "relay-workers2":
         rport = free_port()
@@ -235,7 +238,7 @@ http {{ access_log off;
         args += ["--workers=2", f"--store=redis://127.0.0.1:{rport}/0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     procs.append(
-        subprocess.Popen(args, cwd=ROOT, env=env, stderr=(workdir / f"{name}.log").open("w"))
+        subprocess.Popen(args, cwd=workdir, env=env, stderr=(workdir / f"{name}.log").open("w"))
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz")
@@ -281,7 +284,9 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     sampler.start()
     out = workdir / f"{sc.key}-{target.name}.json"
     attacker = (
-        start_attack(target, sc.ramp + sc.duration) if target.name.endswith("attacked") else None
+        start_attack(target, sc.ramp + sc.duration, workdir)
+        if target.name.endswith("attacked")
+        else None
     )
     subprocess.run(
         [
@@ -300,7 +305,7 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
             "--timeout=300",
             "--idle-timeout=60",
         ],
-        cwd=ROOT,
+        cwd=workdir,
         check=False,
     )
     sampler.stop_event.set()
@@ -331,11 +336,11 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     }
 
 
-def start_attack(target: Target, duration: float) -> subprocess.Popen:
+def start_attack(target: Target, duration: float, workdir: Path) -> subprocess.Popen:
     """`relay.tools.attack` against ``target`` for ``duration`` seconds; its JSON on stdout."""
     return subprocess.Popen(
         [PY, "-m", "relay.tools.attack", f"--url={target.url}", f"--duration={duration}"],
-        cwd=ROOT,
+        cwd=workdir,
         stdout=subprocess.PIPE,
         text=True,
     )
