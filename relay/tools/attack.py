@@ -81,7 +81,8 @@ class Attack:
             return
         interval = 1 / per_s
         next_at = time.monotonic()  # the last slot used; the next is one interval on
-        while next_at + interval < self.deadline:
+        # The clock too: while connecting fails, next_at stands still.
+        while next_at + interval < self.deadline and time.monotonic() < self.deadline:
             if (opened := await self._connect("flood")) is None:
                 continue
             reader, writer = opened
