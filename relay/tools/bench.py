@@ -150,6 +150,8 @@ class Target:
     url: str
     mode: str  # the load tester's --mode
     procs: list[subprocess.Popen] = field(default_factory=list)
+    # What the target needs but is not the target (redis): its CPU and memory stay out.
+    helpers: list[subprocess.Popen] = field(default_factory=list)
 
     def pids(self) -> list[int]:
         pids = []
@@ -167,6 +169,9 @@ class Target:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for p in self.helpers:
+            p.terminate()
+            p.wait()
 
 
 def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -189,14 +194,19 @@ def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess
 
 
 def start_target(name: str, upstream: str, workdir: Path) -> Target:
-    port = free_port()
+    """``upstream`` (the fake itself), ``nginx``, or a relay (``relay``, ``relay-workers2``,
+    ``relay-attacked``) in front of the fake at ``upstream``; ready to load."""
     if name == "upstream":
         return Target(name, upstream, "upstream")
     if name == "nginx":
-        up = upstream.removeprefix("http://").removesuffix("/v1")
-        conf = workdir / "nginx.conf"
-        conf.write_text(
-            f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid;
+        return start_nginx(upstream, workdir)
+    return start_relay(name, upstream, workdir)
+
+
+def nginx_conf(upstream: str, port: int, workdir: Path) -> str:
+    """One worker passing everything through to ``upstream``, unbuffered, kept alive."""
+    up = upstream.removeprefix("http://").removesuffix("/v1")
+    return f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn; worker_rlimit_nofile 40000;
 events {{ worker_connections 30000; }}
 http {{ access_log off;
@@ -205,48 +215,58 @@ http {{ access_log off;
     location / {{ proxy_pass http://fake; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_buffering off; proxy_read_timeout 3600s; }} }} }}
 """
-        )
-        proc = subprocess.Popen(
-            [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)],
-            stderr=(workdir / "nginx.log").open("w"),
-        )
-        url = f"http://127.0.0.1:{port}/v1"
-        wait_http(f"http://127.0.0.1:{port}/")
-        return Target(name, url, "upstream", [proc])
-    args = [PY, "-m", "relay", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
-    procs = []
-    if name == "relay-workers2":
-        rport = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    shutil.which("redis-server") or "/usr/bin/redis-server",
-                    "--port",
-                    str(rport),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                stdout=subprocess.DEVNULL,
-                cwd=workdir,
-            )
-        )
-        time.sleep(0.5)
-        args += ["--workers=2", f"--store=redis://127.0.0.1:{rport}/0"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    procs.append(
-        subprocess.Popen(args, cwd=workdir, env=env, stderr=(workdir / f"{name}.log").open("w"))
+
+
+def start_nginx(upstream: str, workdir: Path) -> Target:
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_conf(upstream, port, workdir))
+    proc = subprocess.Popen(
+        [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-p", str(workdir)],
+        stderr=(workdir / "nginx.log").open("w"),
     )
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_http(f"http://127.0.0.1:{port}/")
+    return Target("nginx", url, "upstream", [proc])
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server (no persistence) on a free port; the process and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        cwd=workdir,
+    )
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def start_relay(name: str, upstream: str, workdir: Path) -> Target:
+    """The relay (``python -m relay``) with default flags but ``--max-streams``;
+    ``relay-workers2``: two workers sharing a Redis store of their own."""
+    port = free_port()
+    args = [PY, "-m", "relay", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
+    helpers = []
+    if name == "relay-workers2":
+        redis, store = start_redis(workdir)
+        helpers.append(redis)
+        args += ["--workers=2", f"--store={store}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stderr=(workdir / f"{name}.log").open("w"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz")
-    target = Target(name, url, "oneshot", procs)
-    if name == "relay-workers2":
-        target.procs = procs[1:]  # redis is not the relay: keep its CPU out
-        target.redis = procs[0]  # type: ignore[attr-defined]
-    return target
+    return Target(name, url, "oneshot", [proc], helpers)
 
 
 class Sampler(threading.Thread):
@@ -282,38 +302,17 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     cpu_before = sum(proc_cpu(p) for p in pids)
     sampler = Sampler(target)
     sampler.start()
-    out = workdir / f"{sc.key}-{target.name}.json"
     attacker = (
         start_attack(target, sc.ramp + sc.duration, workdir)
         if target.name.endswith("attacked")
         else None
     )
-    subprocess.run(
-        [
-            PY,
-            "-m",
-            "relay.tools.loadtest",
-            f"--url={target.url}",
-            f"--mode={target.mode}",
-            f"--streams={sc.streams}",
-            f"--duration={sc.duration}",
-            f"--ramp={sc.ramp}",
-            f"--expect-tokens={sc.tokens}",
-            f"--processes={sc.processes}",
-            "--quiet",
-            f"--json={out}",
-            "--timeout=300",
-            "--idle-timeout=60",
-        ],
-        cwd=workdir,
-        check=False,
-    )
+    result = run_loadtest(sc, target, workdir / f"{sc.key}-{target.name}.json", workdir)
     sampler.stop_event.set()
     sampler.join()
     attack = json.loads(attacker.communicate(timeout=120)[0] or "{}") if attacker else None
     pids = target.pids()
     cpu = sum(proc_cpu(p) for p in pids) - cpu_before if pids else 0.0
-    result = json.loads(out.read_text())
     events = result["events"]["total"] or 1
     return {
         "events_per_s": result["events"]["per_s"],
@@ -334,6 +333,31 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
         "loadgen_cpu_percent": result["cpu"]["max_percent_of_core"],
         "attack": attack,
     }
+
+
+def run_loadtest(sc: Scenario, target: Target, out: Path, workdir: Path) -> dict:
+    """`relay.tools.loadtest` with the scenario's load against ``target``; its JSON result."""
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "relay.tools.loadtest",
+            f"--url={target.url}",
+            f"--mode={target.mode}",
+            f"--streams={sc.streams}",
+            f"--duration={sc.duration}",
+            f"--ramp={sc.ramp}",
+            f"--expect-tokens={sc.tokens}",
+            f"--processes={sc.processes}",
+            "--quiet",
+            f"--json={out}",
+            "--timeout=300",
+            "--idle-timeout=60",
+        ],
+        cwd=workdir,
+        check=False,
+    )
+    return json.loads(out.read_text())
 
 
 def start_attack(target: Target, duration: float, workdir: Path) -> subprocess.Popen:
@@ -380,9 +404,6 @@ def bench(scenarios: Sequence[str], runs: int, workdir: Path, only: Sequence[str
                     samples.append(run_once(sc, target, workdir))
                 finally:
                     target.stop()
-                    if hasattr(target, "redis"):
-                        target.redis.terminate()
-                        target.redis.wait()
                     fake.send_signal(signal.SIGTERM)
                     fake.wait(10)
                 print(f"{key} {name} run {i + 1}: {json.dumps(samples[-1])}", file=sys.stderr)
