@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -168,6 +169,13 @@ class ProcessCPU:
     user_s: float
     sys_s: float
     wall_s: float
+
+    @classmethod
+    def since(cls, before: resource.struct_rusage, role: str, wall_s: float) -> ProcessCPU:
+        """This process's CPU since ``before`` (a getrusage of it), over ``wall_s`` seconds."""
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        user, system = now.ru_utime - before.ru_utime, now.ru_stime - before.ru_stime
+        return cls(os.getpid(), role, user, system, wall_s)
 
     @property
     def percent_of_core(self) -> float:
@@ -566,16 +574,7 @@ class _Worker:
             slots.append(asyncio.ensure_future(self._slot()))
         await asyncio.gather(*slots)
         ticker.cancel()
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-        self.stats.cpu.append(
-            ProcessCPU(
-                os.getpid(),
-                "worker",
-                cpu1.ru_utime - cpu0.ru_utime,
-                cpu1.ru_stime - cpu0.ru_stime,
-                time.time() - t0,
-            )
-        )
+        self.stats.cpu.append(ProcessCPU.since(cpu0, "worker", time.time() - t0))
         return self.stats
 
     async def _tick(self, t0: float, cpu0: float) -> None:
@@ -865,14 +864,33 @@ def _process_main(
 
 
 def _run_processes(cfg: LoadConfig) -> dict[str, Any]:
+    """Run ``cfg`` in ``cfg.processes`` worker processes and merge what they measured."""
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    procs = _start_workers(cfg, ctx, out)
+    t0 = time.time()
+    watch = _CPUWatch(cfg.watch_pids)
+    stats = _gather(cfg, procs, out, _Progress(cfg, watch), t0)
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+    wall = time.time() - t0
+    stats.cpu.append(ProcessCPU.since(cpu0, "parent", wall))
+    return build_result(cfg, stats, wall, watch.totals())
+
+
+def _start_workers(
+    cfg: LoadConfig, ctx: SpawnContext, out: multiprocessing.Queue
+) -> list[SpawnProcess]:
+    """Start the workers and return once all of them are ready to run (a barrier), so the
+    run's clock starts with every worker's."""
     barrier = ctx.Barrier(cfg.processes + 1)
     procs = [
         ctx.Process(target=_process_main, args=(cfg, i, n, barrier, out), daemon=True)
         for i, n in enumerate(_split(cfg.streams, cfg.processes))
     ]
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     for proc in procs:
         proc.start()
     try:
@@ -881,9 +899,18 @@ def _run_processes(cfg: LoadConfig) -> dict[str, Any]:
         for proc in procs:
             proc.terminate()
         raise RuntimeError("the worker processes did not start within 60 s") from None
-    t0 = time.time()
-    watch = _CPUWatch(cfg.watch_pids)
-    progress = _Progress(cfg, watch)
+    return procs
+
+
+def _gather(
+    cfg: LoadConfig,
+    procs: list[SpawnProcess],
+    out: multiprocessing.Queue,
+    progress: _Progress,
+    t0: float,
+) -> Stats:
+    """Read the workers' messages until each has sent its `Stats`, crashed, died or hung
+    past the run's latest end; print the progress line once a second meanwhile."""
     stats = Stats()
     pending = set(range(cfg.processes))
     hard_stop = t0 + cfg.duration + cfg.timeout + 30
@@ -908,24 +935,9 @@ def _run_processes(cfg: LoadConfig) -> dict[str, Any]:
             if not procs[i].is_alive() and out.empty():
                 stats.errors[f"worker_died:exit_{procs[i].exitcode}"] += 1
                 pending.discard(i)
-    for i in pending:
+    for _ in pending:
         stats.errors["worker_hung"] += 1
-    for proc in procs:
-        proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-    wall = time.time() - t0
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    stats.cpu.append(
-        ProcessCPU(
-            os.getpid(),
-            "parent",
-            cpu1.ru_utime - cpu0.ru_utime,
-            cpu1.ru_stime - cpu0.ru_stime,
-            wall,
-        )
-    )
-    return build_result(cfg, stats, wall, watch.totals())
+    return stats
 
 
 def run(cfg: LoadConfig) -> dict[str, Any]:
@@ -943,19 +955,6 @@ def build_result(
     cfg: LoadConfig, stats: Stats, elapsed: float, watched: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """The JSON result (documented in docs/loadtest.md)."""
-    window = stats.steady_window or elapsed
-    cpu = [
-        {
-            "pid": p.pid,
-            "role": p.role,
-            "user_s": round(p.user_s, 3),
-            "sys_s": round(p.sys_s, 3),
-            "wall_s": round(p.wall_s, 3),
-            "percent_of_core": round(p.percent_of_core, 1),
-        }
-        for p in stats.cpu
-    ]
-    worst = max((p.percent_of_core for p in stats.cpu if p.role == "worker"), default=0.0)
     errors = sum(stats.errors.values())
     mismatched = stats.checked - stats.exact
     config = asdict(cfg)
@@ -970,13 +969,7 @@ def build_result(
             "max_active": stats.max_active,
             "connections": stats.connections,
         },
-        "events": {
-            "total": stats.events,
-            "per_s": round(stats.steady_events / window, 1) if window > 0 else 0.0,
-            "per_s_overall": round(stats.events / elapsed, 1) if elapsed > 0 else 0.0,
-            "bytes": stats.bytes,
-            "bytes_per_s": round(stats.bytes / elapsed, 1) if elapsed > 0 else 0.0,
-        },
+        "events": _events_result(stats, elapsed),
         "ttft_s": stats.ttft.summary(),
         "gap_s": stats.gap.summary(),
         "lag_s": stats.lag.summary(),
@@ -992,14 +985,42 @@ def build_result(
             "mismatched": mismatched,
             "examples": stats.examples,
         },
-        "cpu": {
-            "processes": cpu,
-            "total_s": round(sum(p.user_s + p.sys_s for p in stats.cpu), 3),
-            "max_percent_of_core": round(worst, 1),
-            "saturated": worst >= SATURATED,
-        },
+        "cpu": _cpu_result(stats.cpu),
         "watched": watched or [],
         "ok": errors == 0 and mismatched == 0 and stats.completed > 0,
+    }
+
+
+def _events_result(stats: Stats, elapsed: float) -> dict[str, Any]:
+    """Events and bytes; ``per_s`` over the window in which every slot ran."""
+    window = stats.steady_window or elapsed
+    return {
+        "total": stats.events,
+        "per_s": round(stats.steady_events / window, 1) if window > 0 else 0.0,
+        "per_s_overall": round(stats.events / elapsed, 1) if elapsed > 0 else 0.0,
+        "bytes": stats.bytes,
+        "bytes_per_s": round(stats.bytes / elapsed, 1) if elapsed > 0 else 0.0,
+    }
+
+
+def _cpu_result(processes: list[ProcessCPU]) -> dict[str, Any]:
+    """The generator's CPU per process, and whether a worker was saturated."""
+    worst = max((p.percent_of_core for p in processes if p.role == "worker"), default=0.0)
+    return {
+        "processes": [
+            {
+                "pid": p.pid,
+                "role": p.role,
+                "user_s": round(p.user_s, 3),
+                "sys_s": round(p.sys_s, 3),
+                "wall_s": round(p.wall_s, 3),
+                "percent_of_core": round(p.percent_of_core, 1),
+            }
+            for p in processes
+        ],
+        "total_s": round(sum(p.user_s + p.sys_s for p in processes), 3),
+        "max_percent_of_core": round(worst, 1),
+        "saturated": worst >= SATURATED,
     }
 
 
@@ -1009,8 +1030,20 @@ def _ms(value: float | None) -> str:
 
 def format_summary(result: dict[str, Any]) -> str:
     """The human summary printed at the end of a run."""
-    c, s, e = result["config"], result["streams"], result["events"]
     lines = [
+        *_run_lines(result),
+        *_latency_lines(result),
+        *_outcome_lines(result),
+        *_cpu_lines(result),
+        "OK" if result["ok"] else "NOT OK",
+    ]
+    return "\n".join(lines)
+
+
+def _run_lines(result: dict[str, Any]) -> list[str]:
+    """What was run, and how many streams and events it made."""
+    c, s, e = result["config"], result["streams"], result["events"]
+    return [
         (
             f"{c['mode']} {c['url']}: {c['streams']} streams for {c['duration']:g} s "
             f"(ramp {c['ramp']:g} s), {c['processes']} process(es), "
@@ -1025,8 +1058,12 @@ def format_summary(result: dict[str, Any]) -> str:
             f"events    {e['total']:,} ({e['per_s']:,.0f}/s after the ramp, "
             f"{e['per_s_overall']:,.0f}/s overall), {e['bytes'] / 1e6:,.1f} MB"
         ),
-        f"{'':22}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'count':>10}",
     ]
+
+
+def _latency_lines(result: dict[str, Any]) -> list[str]:
+    """The percentile table: latencies in ms, then events/s per stream."""
+    lines = [f"{'':22}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'count':>10}"]
     for key, label in (
         ("ttft_s", "time to first event ms"),
         ("gap_s", "gap between events ms"),
@@ -1047,9 +1084,14 @@ def format_summary(result: dict[str, Any]) -> str:
             + "".join(f"{r[q]:>9.1f}" for q in ("p50", "p90", "p99", "max"))
             + f"{r['count']:>10}"
         )
+    return lines
+
+
+def _outcome_lines(result: dict[str, Any]) -> list[str]:
+    """Errors by kind, and whether the sampled text was exact."""
     err = result["errors"]
     kinds = ", ".join(f"{k} {n}" for k, n in err["by_kind"].items()) or "none"
-    lines.append(f"errors    {err['total']}: {kinds}")
+    lines = [f"errors    {err['total']}: {kinds}"]
     x = result["exactness"]
     if x["checked"]:
         lines.append(
@@ -1059,11 +1101,18 @@ def format_summary(result: dict[str, Any]) -> str:
     else:
         lines.append(f"exactness not checked ({x['sampled']} sampled; give --expect-tokens)")
     lines += [f"          {example}" for example in x["examples"]]
+    return lines
+
+
+def _cpu_lines(result: dict[str, Any]) -> list[str]:
+    """The generator's CPU, each watched process's, and a warning when it was saturated."""
     cpu = result["cpu"]
-    lines.append(
-        f"cpu       load generator {cpu['total_s']:.1f} s, busiest process "
-        f"{cpu['max_percent_of_core']:.0f}% of a core"
-    )
+    lines = [
+        (
+            f"cpu       load generator {cpu['total_s']:.1f} s, busiest process "
+            f"{cpu['max_percent_of_core']:.0f}% of a core"
+        )
+    ]
     for w in result["watched"]:
         pct = w["percent_of_core"]
         lines.append(
@@ -1075,8 +1124,7 @@ def format_summary(result: dict[str, Any]) -> str:
             "WARNING   a load generator process was near 100% of a core: the numbers may show "
             "the generator's limit, not the relay's. Add --processes."
         )
-    lines.append("OK" if result["ok"] else "NOT OK")
-    return "\n".join(lines)
+    return lines
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -1114,7 +1162,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 if every stream completed exact, 1 if not, 2 for bad flags, 130 on Ctrl-C."""
     parser = _parser()
     args = parser.parse_args(argv)
-    cfg = LoadConfig(
+    cfg = _config(args)
+    _check(parser, cfg)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if not cfg.quiet:
+        print(format_summary(result), file=sys.stderr)
+    if args.json == "-":
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
+    return 0 if result["ok"] else 1
+
+
+def _config(args: argparse.Namespace) -> LoadConfig:
+    return LoadConfig(
         url=args.url,
         streams=args.streams,
         duration=args.duration,
@@ -1134,6 +1200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_pids=tuple(args.watch_pid),
         quiet=args.quiet,
     )
+
+
+def _check(parser: argparse.ArgumentParser, cfg: LoadConfig) -> None:
+    """Exit with status 2 and one line for a run that cannot be done: bad numbers, a refused
+    host, too few descriptors (the soft limit is raised to the hard one first)."""
     if cfg.streams < 1 or cfg.duration <= 0 or cfg.ramp < 0:
         parser.error("--streams and --duration must be positive and --ramp not negative")
     if not 1 <= cfg.processes <= cfg.streams:
@@ -1149,19 +1220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"{cfg.streams // cfg.processes} streams per process need more than {limit} fds"
         )
-    try:
-        result = run(cfg)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if not cfg.quiet:
-        print(format_summary(result), file=sys.stderr)
-    if args.json == "-":
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    elif args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, ensure_ascii=False)
-    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":
