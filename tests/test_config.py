@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from relay.config import FLAGS, SETTINGS, ConfigError, Settings, load_settings
 from relay.serve import main
 from relay.tools import flagdocs
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,12 +107,6 @@ def test_secrets_never_appear_in_the_settings_repr():
     assert "secret" not in repr(s)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_stops_on_unknown_flag_with_one_line():
     proc = subprocess.run(
         [sys.executable, "server.py", "--bogus=1"],
@@ -127,7 +121,7 @@ def test_server_stops_on_unknown_flag_with_one_line():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_server_process_streams_the_demo_and_exits_0_on_signal(sig):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     proc = subprocess.Popen(
         [sys.executable, "server.py", f"--port={port}", "--demo-token-delay=0.05"],

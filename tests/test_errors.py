@@ -29,6 +29,7 @@ from tests.fakeupstream import (
     status,
     stream_tokens,
 )
+from tests.processes import free_port
 
 
 def error_of(res) -> dict:
@@ -115,11 +116,7 @@ async def test_upstream_redirect_is_502_not_followed(relay, fake):
 
 @pytest.mark.gen_test
 async def test_refused_connection_is_502(make_relay):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    rs = make_relay(upstream=f"http://127.0.0.1:{port}/v1")
+    rs = make_relay(upstream=f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
     res = await fetch_stream(rs.url + "/aianswer/streamAsk", ASK)
     assert res.status == 502
     assert res.json()["error"]["code"] == "upstream_unavailable"

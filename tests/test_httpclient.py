@@ -12,6 +12,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 from relay import httpclient
 from relay.httpclient import CancelHandle, StreamingHTTPClient, UpstreamCancelled
 from tests.conftest import chunked, eventually
+from tests.processes import free_port
 
 BODY = "尊敬的用户，\n\n你好 hello".encode() * 50
 
@@ -167,10 +168,7 @@ async def test_request_timeout_and_refused_connection():
 
     error, _, _ = await fetch(await RawServer(script).start(), request_timeout=0.3)
     assert isinstance(error, HTTPTimeoutError)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    error, _, _ = await fetch(f"http://127.0.0.1:{port}/v1")
+    error, _, _ = await fetch(f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
     assert isinstance(error, ConnectionRefusedError)
 
 
