@@ -27,6 +27,7 @@ from relay.sse import ServerSentEvent, SSEParser
 from relay.upstream import UpstreamCall
 from tests.fakeupstream import ScriptedUpstream
 from tests.processes import RelayProcess
+from tests.redis_servers import RedisServer
 
 
 @dataclass
@@ -87,6 +88,15 @@ def relay_process(io_loop, tmp_path) -> Callable[..., Awaitable[RelayProcess]]:
     yield start
     for rp in started:
         rp.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> RedisServer:
+    """A redis-server of the test's own on a free port (tests/redis_servers.py)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,24 @@ def hang(seconds: float) -> Script:
     return script
 
 
+def gated(tokens: Sequence[str], first: int, gate: asyncio.Event, finish: bool = True) -> Script:
+    """The role chunk and ``first`` tokens, then (after ``gate``) the rest; without
+    ``finish`` it then hangs instead of finishing."""
+    frames = answer_frames(tokens, finish)
+
+    async def script(handler: CompletionsHandler, body: dict, key: str | None) -> None:
+        start_stream(handler)
+        for frame in frames[: first + 1]:
+            await handler.send(frame)
+        await gate.wait()
+        for frame in frames[first + 1 :]:
+            await handler.send(frame)
+        if not finish:
+            await asyncio.sleep(30)
+
+    return script
+
+
 def by_key(scripts: dict[str | None, Script]) -> Script:
     """Pick the script by the API key the relay sent."""
 

@@ -38,7 +38,7 @@ from relay import demo
 from relay.config import ConfigError, Settings, load_settings
 from relay.sse import SSEParser
 from tests.processes import ROOT, RelayProcess, free_port
-from tests.test_redis import RedisServer
+from tests.redis_servers import RedisServer
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 QUESTION = "你好"

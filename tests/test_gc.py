@@ -24,7 +24,7 @@ from tests.conftest import (
     nothing_left,
 )
 from tests.fakeupstream import hang, status, stream_tokens
-from tests.test_hardening import open_raw_stream
+from tests.streams import open_raw_stream
 
 
 @pytest.mark.gen_test(timeout=20)

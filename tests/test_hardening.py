@@ -37,26 +37,7 @@ from tests.fakeupstream import (
     status,
     stream_tokens,
 )
-
-
-def port_of(rs) -> int:
-    return int(rs.url.rsplit(":", 1)[1])
-
-
-async def open_raw_stream(rs, body: dict = ASK, rcvbuf: int | None = None) -> IOStream:
-    """POST streamAsk on a raw socket and return it without reading the answer."""
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    stream = IOStream(sock)
-    await stream.connect(("127.0.0.1", port_of(rs)))
-    data = json.dumps(body).encode()
-    await stream.write(
-        b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
-    )
-    return stream
-
+from tests.streams import open_raw_stream, port_of
 
 # -- capacity and rate ------------------------------------------------------------------
 
@@ -112,7 +93,7 @@ def test_rate_limiter_refills_and_prunes_full_buckets():
 async def raw_exchange(rs, request: bytes) -> bytes:
     """Send ``request`` as it is (it should say ``Connection: close``) and read to the close."""
     stream = IOStream(socket.socket())
-    await stream.connect(("127.0.0.1", port_of(rs)))
+    await stream.connect(("127.0.0.1", port_of(rs.url)))
     await stream.write(request)
     return await asyncio.wait_for(stream.read_until_close(), 5)
 
@@ -167,7 +148,7 @@ async def test_a_body_that_never_comes_leaves_no_stream_handler_waiting_for_it(r
     )
     assert answer.startswith(b"HTTP/1.1 400 ")
     stream = IOStream(socket.socket())
-    await stream.connect(("127.0.0.1", port_of(relay)))
+    await stream.connect(("127.0.0.1", port_of(relay.url)))
     await stream.write(
         b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
     )

@@ -13,38 +13,17 @@ import socket
 import time
 
 import pytest
-from tornado.iostream import IOStream, StreamClosedError
 
 from relay.errors import RelayError
-from relay.http1 import ResponseHead, ResponseParser
 from relay.idempotency import Entry, KeyedAsk, MemoryIndex, find_or_start, parse_key
 from relay.resume import Graces
 from relay.sessions import Session, SessionLimits
-from relay.sse import ServerSentEvent, SSEParser
+from relay.sse import ServerSentEvent
 from tests.conftest import ASK, cyclic_stream_garbage, eventually, fetch_stream
-from tests.fakeupstream import answer_frames, start_stream, status, stream_tokens
+from tests.fakeupstream import gated, status, stream_tokens
+from tests.streams import BODY, KEY, RawStream, error_code, keyed
 
 TOKENS = [f"段{i} " for i in range(12)]
-KEY = "k-0123456789abcdef"
-BODY = json.dumps(ASK, ensure_ascii=False).encode()
-
-
-def gated(tokens: list[str], first: int, gate: asyncio.Event, finish: bool = True):
-    """A fake-upstream script: the role chunk and ``first`` tokens, then (after ``gate``)
-    the rest; without ``finish`` it then hangs instead of finishing."""
-    frames = answer_frames(tokens, finish)
-
-    async def script(handler, body, key):
-        start_stream(handler)
-        for frame in frames[: first + 1]:
-            await handler.send(frame)
-        await gate.wait()
-        for frame in frames[first + 1 :]:
-            await handler.send(frame)
-        if not finish:
-            await asyncio.sleep(30)
-
-    return script
 
 
 def text(events: list[ServerSentEvent]) -> str:
@@ -58,92 +37,6 @@ def text(events: list[ServerSentEvent]) -> str:
 
 def ids(events: list[ServerSentEvent]) -> list[int]:
     return [int(e.id) for e in events if e.event == "message"]
-
-
-def error_code(event: ServerSentEvent) -> str:
-    assert event.event == "error", event
-    return json.loads(event.data)["error"]["code"]
-
-
-class RawStream:
-    """A streamAsk POST on a socket of its own (from ``source``), its response parsed as
-    it arrives: the HTTP framing by `ResponseParser`, the events by `SSEParser`."""
-
-    def __init__(self, stream: IOStream) -> None:
-        self.stream = stream
-        self.response = ResponseParser()
-        self.parser = SSEParser()
-        self.events: list[ServerSentEvent] = []
-        self.body = b""
-        self.closed = False
-
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        key: str | None = KEY,
-        body: bytes = BODY,
-        headers: dict[str, str] | None = None,
-        source: str = "127.0.0.1",
-        rcvbuf: int | None = None,
-    ) -> RawStream:
-        sock = socket.socket()
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((source, 0))
-        stream = IOStream(sock)
-        await stream.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-        lines = [
-            "POST /aianswer/streamAsk HTTP/1.1",
-            "Host: x",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-        ]
-        if key is not None:
-            lines.append(f"Idempotency-Key: {key}")
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        await stream.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        return cls(stream)
-
-    @property
-    def head(self) -> ResponseHead:
-        assert self.response.head is not None
-        return self.response.head
-
-    async def read(self) -> bool:
-        """Read one block; False once the response or the connection has ended."""
-        if self.response.done or self.closed:
-            return False
-        try:
-            block = await asyncio.wait_for(self.stream.read_bytes(65536, partial=True), 10)
-        except StreamClosedError:
-            self.closed = True
-            return False
-        body = self.response.feed(block)
-        self.body += body
-        self.events += self.parser.feed(body)
-        return True
-
-    async def until_id(self, last: int) -> None:
-        while str(last) not in (e.id for e in self.events):
-            assert await self.read(), f"the stream ended before event {last}"
-
-    async def until_head(self) -> ResponseHead:
-        while self.response.head is None:
-            assert await self.read(), "no response head"
-        return self.head
-
-    async def to_end(self) -> list[ServerSentEvent]:
-        while await self.read():
-            pass
-        return self.events
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def keyed(key: str = KEY, **more: str) -> dict[str, str]:
-    return {"Idempotency-Key": key, **more}
 
 
 # -- the header -----------------------------------------------------------------

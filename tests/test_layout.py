@@ -1,5 +1,6 @@
-"""The repository's seams: the product never imports the tools, and every documented
-``python -m`` command names a module that runs."""
+"""The repository's seams: the product never imports the tools, a test module never imports
+another test module (shared helpers live in conftest.py and the helper modules of tests/),
+and every documented ``python -m`` command names a module that runs."""
 
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ def test_the_product_never_imports_the_tools():
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_no_test_module_imports_from_another():
+    found = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in (ROOT / "tests").rglob("*.py")
+        if "node_modules" not in path.parts
+        for line, name in imported_modules(path)
+        if re.fullmatch(r"tests\.test_\w+", name)
+    ]
+    assert not found, f"move shared helpers to conftest.py or a helper module: {found}"
 
 
 def test_every_documented_python_m_command_runs_a_module():

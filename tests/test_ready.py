@@ -21,7 +21,6 @@ from relay.config import ConfigError, load_settings
 from tests.conftest import ASK, fetch_stream
 from tests.fakeupstream import answer_frames, send_frames, stream_tokens
 from tests.processes import RelayProcess
-from tests.test_redis import RedisServer
 
 TOKENS = [f"t{i} " for i in range(20)]
 
@@ -75,14 +74,6 @@ async def exit_code(rp: RelayProcess, within: float) -> int:
         assert time.monotonic() < deadline, "the relay did not exit"
         await asyncio.sleep(0.05)
     return rp.proc.returncode
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 from tornado.iostream import IOStream
 
 from relay import demo
@@ -33,65 +31,12 @@ from tests.conftest import (
     fetch_stream,
     nothing_left,
 )
-from tests.fakeupstream import hang, stream_tokens
+from tests.fakeupstream import gated, hang, stream_tokens
 from tests.processes import RelayProcess, free_port
-from tests.test_idempotency import KEY, RawStream, error_code, gated, keyed
+from tests.streams import KEY, RawStream, error_code, keyed
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 TOKENS = [f"片段{i} " for i in range(40)]
-
-
-class RedisServer:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

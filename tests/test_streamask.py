@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 
 import pytest
-from tornado.iostream import IOStream
 
 from relay import demo
 from relay.http1 import ResponseParser
@@ -22,6 +20,7 @@ from tests.conftest import (
     fetch_stream,
 )
 from tests.fakeupstream import answer_frames, chunk, send_frames, stream_tokens
+from tests.streams import raw_connection
 
 TOKENS = ["尊敬", "的", "用户", "，", "\n\n", " ", "Hello", " world", "！", "\n"]
 
@@ -182,16 +181,6 @@ async def test_stream_longer_than_twenty_seconds_is_not_cut(relay, fake):
 # -- the write path: frames go straight to the socket until it is full ------------------
 
 
-async def raw_exchange(rs, request: bytes, rcvbuf: int | None = None) -> IOStream:
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    stream = IOStream(sock)
-    await stream.connect(("127.0.0.1", int(rs.url.rsplit(":", 1)[1])))
-    await stream.write(request)
-    return stream
-
-
 def post(version: str) -> bytes:
     body = json.dumps(ASK).encode()
     return (
@@ -210,7 +199,7 @@ async def test_slow_reader_gets_every_frame_in_order_across_socket_full_and_drai
     # the IOStream, the pump waits for it to drain, then sends directly again.
     tokens = [f"{i:05d}片段" + "x" * 1500 for i in range(5000)]  # 7.6 MB: past any send buffer
     fake.script = stream_tokens(tokens)
-    stream = await raw_exchange(relay, post("HTTP/1.1"), rcvbuf=4096)
+    stream = await raw_connection(relay.url, post("HTTP/1.1"), rcvbuf=4096)
     # Read nothing until the socket is full and the relay has bytes queued.
     await eventually(
         lambda: any(s._writer and s._writer.blocked for s in relay.relay.streams), timeout=10
@@ -226,7 +215,7 @@ async def test_slow_reader_gets_every_frame_in_order_across_socket_full_and_drai
 @pytest.mark.gen_test
 async def test_http10_client_gets_an_unchunked_stream_ended_by_close(relay, fake):
     fake.script = stream_tokens(["你", "好", "\n"])
-    stream = await raw_exchange(relay, post("HTTP/1.0"))
+    stream = await raw_connection(relay.url, post("HTTP/1.0"))
     raw = await stream.read_until_close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding" not in head
@@ -260,7 +249,7 @@ async def test_a_finished_stream_sends_one_terminating_chunk_and_the_connection_
 ):
     # Regression: an empty end frame once went out as a chunk of its own, "0\r\n\r\n",
     # before Tornado's: clients saw the end early and 5 stray bytes broke keep-alive.
-    stream = await raw_exchange(relay, post("HTTP/1.1"))
+    stream = await raw_connection(relay.url, post("HTTP/1.1"))
     await stream.read_until(b"data: [DONE]\n")
     # The event's id and end, its chunk's end, the last chunk; then the next answer's head.
     assert re.fullmatch(rb"id: \d+\n\n\r\n0\r\n\r\n", await stream.read_until(b"0\r\n\r\n"))

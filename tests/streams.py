@@ -1,0 +1,132 @@
+"""Client streams on sockets of their own, for tests that need what Tornado's client hides:
+a small receive buffer, a chosen source address, a request sent as written, the response's
+framing and events as they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from tornado.iostream import IOStream, StreamClosedError
+
+from relay.http1 import ResponseHead, ResponseParser
+from relay.sse import ServerSentEvent, SSEParser
+from tests.conftest import ASK
+
+KEY = "k-0123456789abcdef"
+BODY = json.dumps(ASK, ensure_ascii=False).encode()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def keyed(key: str = KEY, **more: str) -> dict[str, str]:
+    """Request headers with an ``Idempotency-Key`` (and ``more``)."""
+    return {"Idempotency-Key": key, **more}
+
+
+def error_code(event: ServerSentEvent) -> str:
+    """The ``error.code`` of an ``event: error``."""
+    assert event.event == "error", event
+    return json.loads(event.data)["error"]["code"]
+
+
+async def raw_connection(
+    url: str, request: bytes, rcvbuf: int | None = None, source: str | None = None
+) -> IOStream:
+    """A connection of its own to the server at ``url`` that has sent ``request``; nothing
+    is read. ``rcvbuf`` shrinks its receive buffer (so it fills after a few KiB); ``source``
+    is the address it connects from (the relay tells anonymous clients apart by address)."""
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source:
+        sock.bind((source, 0))
+    stream = IOStream(sock)
+    await stream.connect(("127.0.0.1", port_of(url)))
+    await stream.write(request)
+    return stream
+
+
+async def open_raw_stream(rs, body: dict = ASK, rcvbuf: int | None = None) -> IOStream:
+    """POST streamAsk to ``rs`` (anything with a ``url``) on a raw socket and return it
+    without reading the answer."""
+    data = json.dumps(body).encode()
+    request = (
+        b"POST /aianswer/streamAsk HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    return await raw_connection(rs.url, request, rcvbuf)
+
+
+class RawStream:
+    """A streamAsk POST on a socket of its own (from ``source``), its response parsed as
+    it arrives: the HTTP framing by `ResponseParser`, the events by `SSEParser`."""
+
+    def __init__(self, stream: IOStream) -> None:
+        self.stream = stream
+        self.response = ResponseParser()
+        self.parser = SSEParser()
+        self.events: list[ServerSentEvent] = []
+        self.body = b""
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        key: str | None = KEY,
+        body: bytes = BODY,
+        headers: dict[str, str] | None = None,
+        source: str = "127.0.0.1",
+        rcvbuf: int | None = None,
+    ) -> RawStream:
+        lines = [
+            "POST /aianswer/streamAsk HTTP/1.1",
+            "Host: x",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
+        if key is not None:
+            lines.append(f"Idempotency-Key: {key}")
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        return cls(await raw_connection(url, request, rcvbuf, source))
+
+    @property
+    def head(self) -> ResponseHead:
+        assert self.response.head is not None
+        return self.response.head
+
+    async def read(self) -> bool:
+        """Read one block; False once the response or the connection has ended."""
+        if self.response.done or self.closed:
+            return False
+        try:
+            block = await asyncio.wait_for(self.stream.read_bytes(65536, partial=True), 10)
+        except StreamClosedError:
+            self.closed = True
+            return False
+        body = self.response.feed(block)
+        self.body += body
+        self.events += self.parser.feed(body)
+        return True
+
+    async def until_id(self, last: int) -> None:
+        while str(last) not in (e.id for e in self.events):
+            assert await self.read(), f"the stream ended before event {last}"
+
+    async def until_head(self) -> ResponseHead:
+        while self.response.head is None:
+            assert await self.read(), "no response head"
+        return self.head
+
+    async def to_end(self) -> list[ServerSentEvent]:
+        while await self.read():
+            pass
+        return self.events
+
+    def close(self) -> None:
+        self.stream.close()
