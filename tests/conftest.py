@@ -25,6 +25,7 @@ from relay.httpclient import CancelHandle, _ResponseReader
 from relay.sessions import Session
 from relay.sse import ServerSentEvent, SSEParser
 from relay.upstream import UpstreamCall
+from tests.browser import BrowserThread, ChatPage
 from tests.fakeupstream import FakeUpstream
 from tests.processes import RelayProcess
 
@@ -296,3 +297,32 @@ def chunked(body: bytes, size: int) -> bytes:
         piece = body[i : i + size]
         out += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
     return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (tests/browser.py)."""
+    bt = BrowserThread()
+    yield bt
+    bt.close()
+
+
+@pytest.fixture
+def open_chat(browser, make_relay, fake):
+    """``open_chat(**context_options)`` -> a fresh ChatPage (own localStorage).
+
+    It depends on the relay fixtures so that pages close before the servers stop.
+    """
+    pages: list[ChatPage] = []
+
+    def new(**options) -> ChatPage:
+        options.setdefault("viewport", {"width": 900, "height": 760})
+        chat = browser.new_page(**options)
+        pages.append(chat)
+        return chat
+
+    yield new
+    errors = [e for chat in pages for e in chat.errors]
+    for chat in pages:
+        chat.close()
+    assert not errors, errors
