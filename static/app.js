@@ -13,7 +13,7 @@
 // animation frame. The conversation, and the answer being streamed with what is
 // needed to resume it, are kept in localStorage, so a reload loses neither.
 
-import { renderMarkdown } from "./markdown.js";
+import { MarkdownView } from "./markdown.js";
 
 /** How long to wait for the first event before giving up (tests may lower it). */
 export const FIRST_EVENT_TIMEOUT_MS = Number(globalThis.RELAY_FIRST_EVENT_MS) || 30_000;
@@ -327,6 +327,7 @@ class Turn {
     this.reasoning.append(this.reasoningText);
     this.textEl = el("div", "text");
     this.body = el("div", "body markdown");
+    this.view = new MarkdownView(this.body);
     this.cursor = el("span", "cursor");
     this.cursor.setAttribute("aria-hidden", "true");
     this.textEl.append(this.body);
@@ -442,7 +443,7 @@ class Turn {
   /** Render the answer's Markdown, with the cursor after its last word. */
   draw() {
     drawn.delete(this);
-    this.body.replaceChildren(renderMarkdown(this.answer));
+    this.view.render(this.answer);
     cursorHost(this.body).append(this.cursor);
   }
 
@@ -766,6 +767,7 @@ function restore() {
 const ui = {};
 const turns = [];
 let current = null; // the running job: { turn, stop() }
+let leaving = false; // the page is being unloaded (a reload, say)
 
 /** The conversation as the page keeps and sends it (the tests read it too). */
 export function conversation() {
@@ -846,8 +848,11 @@ async function run(turn, resuming = false) {
   } finally {
     turn.live = null;
     current = null;
-    store.remove(KEYS.live);
-    saveChat();
+    // Leaving cuts the page's requests, and so ends this run: what pagehide saved stands.
+    if (!leaving) {
+      store.remove(KEYS.live);
+      saveChat();
+    }
     setBusy(false);
     follow();
   }
@@ -962,8 +967,18 @@ function init() {
       copyWithFeedback(copy, copy.closest(".code-block").querySelector("code").textContent);
     }
   });
-  // The freshest text and event id for the reload that may follow.
-  addEventListener("pagehide", saveLive);
+  // The freshest text and event id for the reload that may follow. From beforeunload on:
+  // a navigation cuts the page's streams as it starts (EventSource's at once), before
+  // pagehide, and the run they end must not save that end over the answer to resume.
+  const leave = () => {
+    saveLive();
+    leaving = true;
+  };
+  addEventListener("beforeunload", leave);
+  addEventListener("pagehide", leave);
+  addEventListener("pageshow", (e) => {
+    if (e.persisted) leaving = false; // back from the back-forward cache
+  });
 
   restore();
   // Announce answers from now on, not the conversation restored at load.

@@ -41,21 +41,10 @@ function sameOrigin(url) {
   return new URL(url, location.href).origin === location.origin;
 }
 
-// Highlighting is the costly step of a render, and every frame of a streamed answer renders
-// it whole: blocks that did not change since the last render reuse their markup.
-let highlighted = new Map();
-let highlightedNext = new Map();
-
 function highlight(code, language) {
-  const key = `${language}\n${code}`;
-  let html = highlighted.get(key);
-  if (html === undefined) {
-    html = hljs.getLanguage(language)
-      ? hljs.highlight(code, { language, ignoreIllegals: true }).value
-      : escapeAll(code);
-  }
-  highlightedNext.set(key, html);
-  return html;
+  return hljs.getLanguage(language)
+    ? hljs.highlight(code, { language, ignoreIllegals: true }).value
+    : escapeAll(code);
 }
 
 const base = new Renderer();
@@ -132,14 +121,42 @@ purify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-/** `source` rendered: a DocumentFragment, sanitised, ready to insert. */
-export function renderMarkdown(source) {
-  const html = marked.parse(source);
-  [highlighted, highlightedNext] = [highlightedNext, new Map()];
-  return sanitize(html);
-}
-
-/** DOMPurify with the renderer's allow-list (exported so a test can try it alone). */
+/** DOMPurify with the renderer's allow-list: a DocumentFragment (a test tries it alone). */
 export function sanitize(html) {
   return purify.sanitize(html, SANITIZE);
+}
+
+/**
+ * Markdown rendered into `root`, again and again as the source grows while it streams.
+ *
+ * The whole source is parsed each time (Markdown is not local: a line can turn the
+ * paragraph above it into a heading), but only the top-level blocks that changed are
+ * rendered and sanitised: those whose source, and every one before them, are the same as
+ * the last time keep their elements. So a frame costs the parse and the last block or two,
+ * not the whole answer (docs/benchmarks.md, "The chat page").
+ */
+export class MarkdownView {
+  constructor(root) {
+    this.root = root;
+    this.blocks = []; // { raw, nodes } per top-level token, as rendered last
+    this.links = "{}"; // reference-style link definitions, which any block may use
+  }
+
+  render(source) {
+    const tokens = marked.lexer(source);
+    const links = JSON.stringify(tokens.links);
+    let kept = 0;
+    if (links === this.links) {
+      while (kept < this.blocks.length && this.blocks[kept].raw === tokens[kept]?.raw) kept++;
+    }
+    this.links = links;
+    for (const block of this.blocks.splice(kept)) for (const node of block.nodes) node.remove();
+    for (const token of tokens.slice(kept)) {
+      const one = [token];
+      one.links = tokens.links;
+      const fragment = sanitize(marked.parser(one));
+      this.blocks.push({ raw: token.raw, nodes: [...fragment.childNodes] });
+      this.root.append(fragment);
+    }
+  }
 }

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from relay.upstream import UpstreamCall
 from tests.browser import BrowserThread, ChatPage
 from tests.fakeupstream import FakeUpstream
 from tests.processes import RelayProcess
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
 
 
 @dataclass
@@ -326,3 +329,20 @@ def open_chat(browser, make_relay, fake):
     for chat in pages:
         chat.close()
     assert not errors, errors
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """tests/node/node_modules as the lock file pins it (``npm ci`` when missing or older):
+    the Node clients of tests/test_node_clients.py, and axe-core for the page."""
+    modules = NODE_DIR / "node_modules"
+    lock = NODE_DIR / "package-lock.json"
+    if not modules.exists() or modules.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return modules

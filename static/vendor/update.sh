@@ -24,6 +24,6 @@ copy dompurify/dist/purify.min.js dompurify/purify.min.js
 copy dompurify/LICENSE dompurify/LICENSE
 copy dompurify/LICENSE-MPL dompurify/LICENSE-MPL
 copy @highlightjs/cdn-assets/es/highlight.min.js highlightjs/highlight.min.js
-copy @highlightjs/cdn-assets/styles/github.min.css highlightjs/github.min.css
-copy @highlightjs/cdn-assets/styles/github-dark.min.css highlightjs/github-dark.min.css
+copy @highlightjs/cdn-assets/styles/a11y-light.min.css highlightjs/a11y-light.min.css
+copy @highlightjs/cdn-assets/styles/a11y-dark.min.css highlightjs/a11y-dark.min.css
 copy @highlightjs/cdn-assets/LICENSE highlightjs/LICENSE
