@@ -70,10 +70,10 @@ ANSWER = (
     "Enjoy the stream, and ask another question whenever you like."
 )
 
-# Whitespace-only tokens (the paragraph breaks), English words with their
-# leading space, Chinese text in pieces of one or two characters, and any other
-# character on its own.
-_TOKEN = re.compile(r"\n+|[ ]?[A-Za-z0-9'\-./:=]+|[ ]?[\u4e00-\u9fff]{1,2}|[ ]?[^\n]")
+# Whitespace-only tokens (the paragraph breaks), a heading's marks, English words
+# with their leading space, Chinese text in pieces of one or two characters, and
+# any other character on its own.
+_TOKEN = re.compile(r"\n+|#+ |[ ]?[A-Za-z0-9'\-./:=]+|[ ]?[\u4e00-\u9fff]{1,2}|[ ]?[^\n]")
 
 
 def tokens(text: str = ANSWER) -> list[str]:

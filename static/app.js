@@ -693,7 +693,7 @@ async function runSession(turn, live, job) {
 // ---------------------------------------------------------------------------
 // The conversation in localStorage.
 
-/** Keep the turns, the newest first, within KEPT_TURNS and KEPT_CHARS. */
+/** Keep the newest turns that fit in KEPT_TURNS and KEPT_CHARS. */
 function saveChat() {
   const records = turns.slice(-KEPT_TURNS).map((t) => t.record());
   let kept = tailWithin(records, (r) => JSON.stringify(r).length + 1, KEPT_CHARS);

@@ -95,7 +95,9 @@ const renderer = {
   },
 };
 
-const marked = new Marked({ gfm: true, breaks: false, renderer });
+// breaks: a single newline is a line break, as the model wrote it (GitHub's comments and
+// most chat pages do the same; strict Markdown would join the lines).
+const marked = new Marked({ gfm: true, breaks: true, renderer });
 
 const SANITIZE = {
   ALLOWED_TAGS: [
