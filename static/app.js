@@ -28,6 +28,7 @@ const KEYS = {
   resumable: "relay.resumable",
   chat: "relay.chat", // the conversation: finished turns, and the running one as it began
   live: "relay.live", // the running answer: its text so far, last event id, how to resume
+  request: "relay.request", // and its request body (up to 1 MiB: written once, not per frame)
 };
 // What the page keeps of a conversation: the turns the server can take as history and the
 // question after them, in at most 2 M characters (localStorage holds about 5 M per site).
@@ -707,6 +708,7 @@ function saveChat() {
 function saveLive() {
   const turn = current?.turn;
   if (!turn?.live) return;
+  const { body, ...how } = turn.live; // the body is kept apart, once (run)
   store.set(
     KEYS.live,
     JSON.stringify({
@@ -715,9 +717,14 @@ function saveLive() {
       r: turn.reasoningSource,
       id: turn.lastId,
       finish: turn.finish,
-      ...turn.live,
+      ...how,
     }),
   );
+}
+
+function forgetLive() {
+  store.remove(KEYS.live);
+  store.remove(KEYS.request);
 }
 
 const isRecord = (r) =>
@@ -727,22 +734,22 @@ const isRecord = (r) =>
  * relay keeps it under the key), resumable by its session (no uid: the POST may have made
  * one or not, and a second one would be a second answer). */
 function canResume(live) {
-  if (live?.mode === "oneshot") {
+  if (live.mode === "oneshot") {
     return typeof live.body === "string" && typeof live.key === "string";
   }
-  return live?.mode === "resumable" && typeof live.uid === "string";
+  return live.mode === "resumable" && typeof live.uid === "string";
 }
 
 /** The kept conversation, shown again; the answer that was streaming reads on. */
 function restore() {
   const records = store.getJSON(KEYS.chat);
   if (!Array.isArray(records)) return;
-  const live = store.getJSON(KEYS.live);
+  const live = { ...store.getJSON(KEYS.live), body: store.get(KEYS.request, null) };
   let resumed = null;
   for (const record of records.filter(isRecord)) {
     const running = record.state === "waiting" || record.state === "streaming";
     let turn;
-    if (running && !resumed && live?.q === record.q && canResume(live)) {
+    if (running && !resumed && live.q === record.q && canResume(live)) {
       turn = resumed = Turn.from({ ...record, a: String(live.a), r: live.r, finish: live.finish });
       turn.lastId = Number(live.id) || 0;
       const { mode, body, key, uid, streamUrl } = live;
@@ -837,6 +844,7 @@ async function run(turn, resuming = false) {
   current = job;
   setBusy(true);
   saveChat();
+  if (!resuming) store.set(KEYS.request, turn.live.body);
   saveLive();
   const transport = turn.live.mode === "resumable" ? runSession : runOneShot;
   try {
@@ -850,7 +858,7 @@ async function run(turn, resuming = false) {
     current = null;
     // Leaving cuts the page's requests, and so ends this run: what pagehide saved stands.
     if (!leaving) {
-      store.remove(KEYS.live);
+      forgetLive();
       saveChat();
     }
     setBusy(false);
@@ -883,7 +891,7 @@ function newChat() {
   turns.length = 0;
   for (const node of ui.turns.querySelectorAll(".turn")) node.remove();
   store.remove(KEYS.chat);
-  store.remove(KEYS.live);
+  forgetLive();
   ui.empty.hidden = false;
   ui.question.focus();
 }

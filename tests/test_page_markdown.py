@@ -8,6 +8,7 @@ The Markdown of the demo answer, and its code block's Copy, are in tests/test_pa
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import pytest
@@ -265,6 +266,31 @@ async def test_a_reload_mid_answer_reads_on_exactly_with_one_upstream_call(
     else:
         assert again["url"] == f"{first['url']}?lastEventId=30"
     await wait_until(lambda: not relay.relay.streams)
+
+
+STALE = """([key, body]) => {
+  localStorage.setItem('relay.chat', JSON.stringify([{ q: 'old question', a: '', r: '',
+    state: 'streaming', finish: '', stats: '', error: '' }]));
+  localStorage.setItem('relay.live', JSON.stringify({ q: 'old question', a: 'stale **text**',
+    r: '', id: 5, finish: '', mode: 'oneshot', key }));
+  localStorage.setItem('relay.request', body);
+}"""
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_an_answer_the_relay_forgot_is_replaced_not_mixed(relay, fake, open_chat):
+    """Reopened after the relay's session TTL, the same key starts a new answer, numbered
+    from 1: the page shows that answer alone."""
+    fake.script = stream_tokens(["a new ", "answer"])
+    chat = open_chat()
+    page = chat.page
+    await chat.run(open_page(page, relay.url))
+    body = json.dumps({"robotId": "1", "aiQuestion": "old question", "aiQuestionHistory": []})
+    await chat.run(page.evaluate(STALE, ["k" * 32, body]))
+    await chat.run(open_page(page, relay.url))
+    info = await chat.run(wait_state(page, 0, "done", "error"))
+    assert info["error"] is None and info["text"] == "a new answer"
+    assert "stale" not in info["rendered"] and len(fake.requests) == 1
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
