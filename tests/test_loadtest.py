@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import HTTPRequest
 
 from relay import fakeupstream, loadtest
 from relay.fakeupstream import Answer, FakeUpstream, expected_text
-from relay.httpclient import StreamingHTTPClient
+from relay.httpclient import StreamingHTTPClient, StreamingRequest
 from relay.loadtest import Histogram, LoadConfig
 from relay.sse import SSEParser
 from tests.conftest import eventually, fetch_stream
@@ -115,7 +114,7 @@ async def test_fake_upstream_keeps_the_connection_unless_asked_to_close(make_ups
     try:
         for _ in range(3):
             got: list[bytes] = []
-            request = HTTPRequest(
+            request = StreamingRequest(
                 fake.url + "/chat/completions",
                 method="POST",
                 body=json.dumps(CHAT),
