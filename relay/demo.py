@@ -3,8 +3,9 @@
 With no ``--upstream`` each relay process (each worker) starts a `DemoServer`
 serving ``POST /v1/chat/completions`` and calls it over real HTTP, so
 ``python server.py`` shows the true path with no API key and no network.
-Every question gets the same canned answer (Chinese and English, a paragraph
-break, a few hundred tokens), one token per ``--demo-token-delay`` seconds.
+Every question gets the same canned answer (Chinese and English, in Markdown with a
+heading, a list, a table and a code block, a few hundred tokens), one token per
+``--demo-token-delay`` seconds.
 
 Only that process's relay reaches it: it listens on 127.0.0.1 on a port of its
 own (never the public one), and answers only requests that present the
@@ -35,26 +36,44 @@ MODEL = "relay-demo"
 MAX_REQUEST = 4 * MAX_BODY
 
 ANSWER = (
-    "你好！这是中继服务器内置的演示模型给出的回答。"
+    "## 你好！这是演示模型的回答\n\n"
     "它不调用任何外部接口，也不需要 API key，"
     "但每一个字都像真正的大模型那样，经过 Server-Sent Events 一个一个地流到你的浏览器。"
     "\n\n"
-    "Hello! This answer comes from the relay's embedded demo model. "
-    "It streams token by token over a real HTTP connection on loopback, "
-    "exactly the way an OpenAI-compatible server such as vLLM, Ollama or llama.cpp would. "
-    "Point the relay at a real model with --upstream=http://host:port/v1 and the same page "
-    "shows real answers."
-    "\n\n"
-    "几个值得注意的地方：中文字符可能在网络分块时被从中间切开，换行本身也是一个词元，"
-    "而每个事件都带有编号，断线重连后可以用 Last-Event-ID 从断点继续，既不重复也不遗漏。"
-    "\n\n"
+    "Hello! This answer comes from the relay's **embedded demo model**, streamed token by "
+    "token over a real HTTP connection, the way vLLM, Ollama or llama.cpp would. Point the "
+    "relay at a real model with `--upstream=http://host:port/v1` and the same page shows "
+    "real answers.\n\n"
+    "几个值得注意的地方：\n\n"
+    "- 中文字符可能在网络分块时被从中间切开；\n"
+    "- 换行本身也是一个词元；\n"
+    "- every event is numbered: a reconnect resumes with `Last-Event-ID`, "
+    "nothing repeated, nothing lost.\n\n"
+    "| 模式 Mode | 接口 Endpoint | 断线以后 After a drop |\n"
+    "|---|---|---|\n"
+    "| one-shot | `POST /aianswer/streamAsk` | the same `Idempotency-Key` reads on |\n"
+    "| resumable | `GET /aianswer/stream/<uid>` | `EventSource` resumes by itself |\n\n"
+    "Reading the stream from Python:\n\n"
+    "```python\n"
+    "import json, urllib.request\n"
+    "\n"
+    "req = urllib.request.Request(\n"
+    '    "http://127.0.0.1:8888/aianswer/streamAsk",\n'
+    '    data=json.dumps({"aiQuestion": "你好"}).encode(),\n'
+    '    headers={"Content-Type": "application/json"},\n'
+    ")\n"
+    "for line in urllib.request.urlopen(req):\n"
+    '    if line.startswith(b"data: {"):  # then [DONE]\n'
+    '        delta = json.loads(line[6:])["choices"][0]["delta"]\n'
+    '        print(delta.get("content", ""), end="", flush=True)\n'
+    "```\n\n"
     "Enjoy the stream, and ask another question whenever you like."
 )
 
-# Whitespace-only tokens (the paragraph breaks), English words with their
-# leading space, Chinese text in pieces of one or two characters, and any other
-# character on its own.
-_TOKEN = re.compile(r"\n+|[ ]?[A-Za-z0-9'\-./:=]+|[ ]?[\u4e00-\u9fff]{1,2}|[ ]?[^\n]")
+# Whitespace-only tokens (the paragraph breaks), a heading's marks, English words
+# with their leading space, Chinese text in pieces of one or two characters, and
+# any other character on its own.
+_TOKEN = re.compile(r"\n+|#+ |[ ]?[A-Za-z0-9'\-./:=]+|[ ]?[\u4e00-\u9fff]{1,2}|[ ]?[^\n]")
 
 
 def tokens(text: str = ANSWER) -> list[str]:

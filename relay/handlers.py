@@ -320,6 +320,15 @@ class EventStreamHandler(AskMixin):
             self._ping_due = True
             self.wake()
 
+    def drop(self) -> None:
+        """`wake` raised, so the session let go of this stream: end it and close the
+        connection, without `wake` (which failed) and without cancelling the answer."""
+        self._closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.request.connection.stream.close()
+
     def on_connection_close(self) -> None:
         super().on_connection_close()  # ends Tornado's wait for a body that never came
         self._closed = True

@@ -9,9 +9,12 @@ decoded in one pass over it (`relay.http1`), and ``streaming_callback`` gets the
 whole block.
 It also gives what the stock client lacks:
 
-* **Cancellation.** A request may carry a `CancelHandle`; ``cancel()`` aborts
-  the socket at once (connected or not) and the fetch ends with
+* **Cancellation.** A `StreamingRequest` may carry a `CancelHandle`; ``cancel()``
+  aborts the socket at once (connected or not) and the fetch ends with
   `UpstreamCancelled`, whatever the upstream is doing.
+* **The parsed head.** A `StreamingRequest`'s ``head_callback`` gets the status
+  line and headers once, parsed, before any body (``header_callback`` still
+  gets them a line at a time, as Tornado's clients give them).
 * **Back-pressure.** If ``streaming_callback`` returns an unfinished awaitable,
   reading pauses (``transport.pause_reading``) until it is done.
 * **No queue.** Every fetch connects at once: there is no ``max_clients``
@@ -28,10 +31,13 @@ It also gives what the stock client lacks:
   request timeout or a cancel is never retried.
 
 Still driven through ``fetch(request, raise_error=False)`` with
-``header_callback`` and ``streaming_callback``, like any `AsyncHTTPClient`.
+``header_callback`` and ``streaming_callback``, like any `AsyncHTTPClient`, but
+``fetch`` takes a URL or a `StreamingRequest`, not a plain `HTTPRequest`.
 Deliberate limits, since the upstream is an API endpoint: no redirects, no
 response decompression (it asks for ``identity``), no proxies, no
 ``Expect: 100-continue``, no pipelining (one request per connection at a time).
+A request that asks for any of these (`UNSUPPORTED`) is refused with a
+`ValueError` naming the option, never quietly served without it.
 Without keep-alive every request says ``Connection: close``.
 """
 
@@ -58,7 +64,7 @@ class UpstreamCancelled(Exception):
 
 
 class CancelHandle:
-    """Attach as ``request.cancel_handle`` to be able to abort that request at once."""
+    """Pass as a `StreamingRequest`'s ``cancel_handle`` to be able to abort it at once."""
 
     __slots__ = ("_reader", "cancelled")
 
@@ -81,6 +87,63 @@ class CancelHandle:
         """
         if not self.cancelled and self._reader is not None:
             self._reader.release()
+
+
+class StreamingRequest(HTTPRequest):
+    """An `HTTPRequest` with the two things `StreamingHTTPClient` adds to Tornado's.
+
+    ``cancel_handle``: a `CancelHandle` that aborts this request at once.
+    ``head_callback``: called once with the parsed `ResponseHead` (status, reason
+    and headers) when the head is complete, before any of the body.
+    Every other argument is `HTTPRequest`'s (see `UNSUPPORTED` for those refused).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cancel_handle: CancelHandle | None = None,
+        head_callback: Callable[[ResponseHead], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(url, **kwargs)
+        self.cancel_handle = cancel_handle
+        self.head_callback = head_callback
+
+
+# HTTPRequest options this client does not honour, and the value that asks for each
+# (None: any value given). An option left unset asks for nothing: an unset
+# follow_redirects or decompress_response, True in Tornado's defaults, is False here.
+UNSUPPORTED: dict[str, object] = {
+    "follow_redirects": True,
+    "max_redirects": None,
+    "decompress_response": True,
+    "proxy_host": None,
+    "proxy_port": None,
+    "proxy_username": None,
+    "proxy_password": None,
+    "proxy_auth_mode": None,
+    "auth_username": None,
+    "auth_password": None,
+    "auth_mode": None,
+    "user_agent": None,
+    "network_interface": None,
+    "ca_certs": None,
+    "client_key": None,
+    "client_cert": None,
+    "ssl_options": None,
+    "prepare_curl_callback": None,
+    "body_producer": None,
+    "expect_100_continue": True,
+    "allow_ipv6": False,
+}
+
+
+def _refuse_unsupported(request: HTTPRequest) -> None:
+    for name, asks in UNSUPPORTED.items():
+        value = getattr(request, name, None)
+        if value is not None and (asks is None or value == asks):
+            raise ValueError(f"StreamingHTTPClient does not support {name}={value!r}")
 
 
 class StreamingHTTPClient(AsyncHTTPClient):
@@ -106,10 +169,27 @@ class StreamingHTTPClient(AsyncHTTPClient):
         self.pool.close()
         super().close()
 
+    def fetch(  # type: ignore[override]
+        self, request: str | StreamingRequest, raise_error: bool = True, **kwargs: Any
+    ) -> asyncio.Future[HTTPResponse]:
+        """`AsyncHTTPClient.fetch` for a URL or a `StreamingRequest`.
+
+        Raises TypeError for a plain `HTTPRequest` (it cannot carry a cancel handle
+        or a head callback) and ValueError for an option in `UNSUPPORTED`.
+        """
+        if isinstance(request, str):
+            request = StreamingRequest(request, **kwargs)
+            kwargs = {}
+        elif not isinstance(request, StreamingRequest):
+            raise TypeError("StreamingHTTPClient.fetch takes a URL or a StreamingRequest")
+        _refuse_unsupported(request)
+        return super().fetch(request, raise_error, **kwargs)  # type: ignore[return-value]
+
     def fetch_impl(self, request: HTTPRequest, callback: Any) -> None:
         # Callbacks rather than a coroutine: a task only to open a new connection,
         # none for a reused one; a new stream's CPU cost is a benchmark target.
-        handle: CancelHandle | None = getattr(request, "cancel_handle", None)
+        # `fetch` let only a StreamingRequest through (here behind Tornado's proxy of it).
+        handle: CancelHandle | None = request.cancel_handle  # type: ignore[attr-defined]
         reader = _ResponseReader(request, asyncio.get_running_loop(), self.pool, self.active)
         if handle is not None:
             if handle.cancelled:
@@ -390,6 +470,9 @@ class _ResponseReader(asyncio.Protocol):
             for line in head.lines:
                 header_callback(line + "\r\n")
             header_callback("\r\n")
+        head_callback = self.request.head_callback
+        if head_callback is not None:
+            head_callback(head)
 
     def _deliver(self, body: bytes) -> None:
         if self._body is not None:

@@ -20,6 +20,7 @@ their bound make the store evict its oldest finished sessions.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections import deque
@@ -31,6 +32,8 @@ from typing import Protocol
 from relay.errors import RelayError
 from relay.idempotency import Entry, KeyedAsk, MemoryIndex
 from relay.sse import encode_event
+
+log = logging.getLogger("relay.sessions")
 
 RUNNING = "running"
 DONE = "done"
@@ -77,6 +80,9 @@ class Subscriber(Protocol):
     """An open client stream; the session calls `wake` when there is news."""
 
     def wake(self) -> None: ...
+
+    def drop(self) -> None:
+        """Its `wake` raised: end this stream alone (the session has let go of it)."""
 
 
 class Session:
@@ -255,8 +261,18 @@ class Session:
             self._room.set_result(None)
 
     def _wake_all(self) -> None:
+        failed: list[Subscriber] = []
         for sub in self._subscribers:
-            sub.wake()
+            try:
+                sub.wake()
+            except Exception:
+                # It runs inside the upstream read: one broken reader must not end the
+                # call, and with it the answer of every other reader.
+                log.exception("a reader of session %s failed; it is dropped", self.uid[:8])
+                failed.append(sub)
+        for sub in failed:
+            self.unsubscribe(sub)
+            sub.drop()
         for observer in self.observers:
             observer()
 

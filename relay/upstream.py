@@ -3,8 +3,9 @@
 `relay.httpclient.StreamingHTTPClient` (an `AsyncHTTPClient`) delivers the
 body in blocks to a ``streaming_callback`` that feeds `relay.sse.SSEParser`;
 the parsed events go through `relay.chunks` into the session. Routing on the
-status from ``header_callback`` comes first: the callback also receives the
-body of an error answer (a 401 or 429 JSON), which must never reach the parser.
+status from the parsed head (``head_callback``) comes first: the callback also
+receives the body of an error answer (a 401 or 429 JSON), which must never reach
+the parser.
 
 * **Timeouts for long answers.** Connect and total timeouts come from the flags
   (never Tornado's 20-second default). The total and the idle timeout are
@@ -38,14 +39,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ujson
-from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import HTTPTimeoutError
 
 from relay.ask import Ask
 from relay.chunks import ChunkRules, error_message, token_counts
 from relay.config import Robot, Settings
 from relay.errors import RelayError, detached, redact
-from relay.httpclient import CancelHandle, StreamingHTTPClient
+from relay.http1 import ResponseHead
+from relay.httpclient import CancelHandle, StreamingHTTPClient, StreamingRequest
 from relay.metrics import Metrics
 from relay.sessions import Session
 from relay.sse import LineTooLong, SSEParser
@@ -294,7 +295,7 @@ class UpstreamCall:
             self.session.on_cancel = None  # no session <-> call cycle left for the GC
             self._count_usage()
 
-    def _request(self, key: str | None) -> HTTPRequest:
+    def _request(self, key: str | None) -> StreamingRequest:
         s = self.upstream.settings
         headers = {
             "Content-Type": "application/json",
@@ -302,29 +303,22 @@ class UpstreamCall:
         }
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = HTTPRequest(
+        return StreamingRequest(
             self.upstream.url,
             method="POST",
             headers=headers,
             body=self.payload,
             connect_timeout=s.upstream_connect_timeout,
             request_timeout=0,  # not Tornado's 20 s default: `Upstream.check` times calls out
-            header_callback=self._on_header,
+            head_callback=self._on_head,
             streaming_callback=self._on_chunk,
-            decompress_response=False,
-            follow_redirects=False,
+            cancel_handle=self._handle,
         )
-        request.cancel_handle = self._handle  # type: ignore[attr-defined]
-        return request
 
-    def _on_header(self, line: str) -> None:
-        if not self._status and line.startswith("HTTP/"):
-            parts = line.split(" ", 2)
-            if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
-                self._status = int(parts[1])
-        elif line[:13].lower() == "content-type:":
-            # A 200 with a JSON body is a non-streaming answer or an error, not a stream.
-            self._is_stream = "application/json" not in line.lower()
+    def _on_head(self, head: ResponseHead) -> None:
+        self._status = head.status
+        # A 200 with a JSON body is a non-streaming answer or an error, not a stream.
+        self._is_stream = "application/json" not in head.headers.get("content-type", "").lower()
 
     def _on_chunk(self, chunk: bytes) -> Any:
         if self._status != 200 or not self._is_stream:

@@ -3,17 +3,37 @@
 // Two ways to get an answer (docs/api.md):
 // - one-shot: fetch POST /aianswer/streamAsk and read the event stream from
 //   response.body with the small SSE reader below; each question carries an
-//   Idempotency-Key of its own, so the relay keeps its answer under that key
-//   and Stop DELETEs it (the X-Relay-Session of the response);
+//   Idempotency-Key of its own, so the relay keeps its answer under that key,
+//   Stop DELETEs it (the X-Relay-Session of the response), and after a reload the
+//   same request with the same key and a Last-Event-ID reads on where it stopped;
 // - resumable: POST /aianswer/sessions, then a native EventSource on the stream
-//   URL, which reconnects by itself and resumes with Last-Event-ID.
-// Model output is only ever inserted as text, never as HTML.
+//   URL, which reconnects by itself and resumes with Last-Event-ID (after a
+//   reload, ?lastEventId= on the URL: EventSource cannot set the header).
+// Answers are Markdown, rendered by static/markdown.js (sanitised) at most once per
+// animation frame. The conversation, and the answer being streamed with what is
+// needed to resume it, are kept in localStorage, so a reload loses neither.
+
+import { MarkdownView } from "./markdown.js";
 
 /** How long to wait for the first event before giving up (tests may lower it). */
 export const FIRST_EVENT_TIMEOUT_MS = Number(globalThis.RELAY_FIRST_EVENT_MS) || 30_000;
 const MAX_LINE = 1 << 20; // characters; the server's bound on a data line
+// The server's bounds on a question's history (relay/ask.py).
+const MAX_PAIRS = 200;
+const MAX_BODY = 1 << 20; // bytes
 
-const KEYS = { robot: "relay.robotId", token: "relay.token", resumable: "relay.resumable" };
+const KEYS = {
+  robot: "relay.robotId",
+  token: "relay.token",
+  resumable: "relay.resumable",
+  chat: "relay.chat", // the conversation: finished turns, and the running one as it began
+  live: "relay.live", // the running answer: its text so far, last event id, how to resume
+  request: "relay.request", // and its request body (up to 1 MiB: written once, not per frame)
+};
+// What the page keeps of a conversation: the turns the server can take as history and the
+// question after them, in at most 2 M characters (localStorage holds about 5 M per site).
+const KEPT_TURNS = MAX_PAIRS + 1;
+const KEPT_CHARS = 2 << 20;
 
 // ---------------------------------------------------------------------------
 // Event-stream parsing: the same line rules as relay/sse.py (WHATWG HTML 9.2.5).
@@ -118,6 +138,13 @@ function el(tag, className, text) {
   return node;
 }
 
+function button(className, text, onClick) {
+  const node = el("button", className, text);
+  node.type = "button";
+  node.addEventListener("click", onClick);
+  return node;
+}
+
 const store = {
   get(key, fallback = "") {
     try {
@@ -129,11 +156,40 @@ const store = {
   set(key, value) {
     try {
       localStorage.setItem(key, value);
+      return true;
     } catch {
-      /* private mode: not remembered */
+      return false; // private mode, or full: not remembered
+    }
+  },
+  remove(key) {
+    try {
+      localStorage.removeItem(key);
+    } catch {
+      /* nothing kept */
+    }
+  },
+  getJSON(key) {
+    try {
+      return JSON.parse(store.get(key, "null"));
+    } catch {
+      return null;
     }
   },
 };
+
+const encoder = new TextEncoder();
+const utf8Length = (text) => encoder.encode(text).length;
+
+/** The longest tail of `items` whose sizes add up to at most `budget`. */
+function tailWithin(items, sizeOf, budget) {
+  let start = items.length;
+  while (start > 0) {
+    budget -= sizeOf(items[start - 1]);
+    if (budget < 0) break;
+    start -= 1;
+  }
+  return items.slice(start);
+}
 
 class TurnError extends Error {
   constructor(message, code = "error") {
@@ -212,12 +268,57 @@ async function copyText(text) {
   }
 }
 
+async function copyWithFeedback(target, text) {
+  const ok = await copyText(text);
+  target.textContent = ok ? "Copied" : "Copy failed";
+  setTimeout(() => (target.textContent = "Copy"), 1500);
+}
+
+// ---------------------------------------------------------------------------
+// Rendering: answers are drawn at most once per animation frame, however fast tokens come;
+// the running answer is saved for a reload in the same frame.
+
+const drawn = new Set(); // turns with text not drawn yet
+let frame = 0;
+
+function scheduleDraw(turn) {
+  drawn.add(turn);
+  if (!frame) frame = requestAnimationFrame(drawFrame);
+}
+
+function drawFrame() {
+  frame = 0;
+  for (const turn of drawn) turn.draw();
+  drawn.clear();
+  saveLive();
+  follow();
+}
+
+// Elements the streaming cursor may go into: it follows the last word, not the last block.
+const CURSOR_HOSTS = new Set("P UL OL LI BLOCKQUOTE H1 H2 H3 H4 H5 H6".split(" "));
+
+function cursorHost(node) {
+  for (;;) {
+    let last = node.lastChild;
+    while (last?.nodeType === Node.TEXT_NODE && !last.data.trim()) last = last.previousSibling;
+    if (last?.nodeType !== Node.ELEMENT_NODE || !CURSOR_HOSTS.has(last.tagName)) return node;
+    node = last;
+  }
+}
+
+const FINISH_NOTES = {
+  length: "The answer was cut short: the model reached its length limit (finish_reason length).",
+  content_filter:
+    "The answer was cut short by the provider's content filter (finish_reason content_filter).",
+};
+
 // ---------------------------------------------------------------------------
 // One question and its answer bubble.
 
 class Turn {
   constructor(question) {
     this.question = question;
+    this.live = null; // while it runs: how to reach its answer again (transport, key, uid)
     this.root = el("article", "turn");
     const q = el("div", "bubble question", question);
     this.bubble = el("div", "bubble answer");
@@ -225,51 +326,75 @@ class Turn {
     this.reasoning.append(el("summary", "", "Reasoning"));
     this.reasoningText = el("div", "reasoning-text");
     this.reasoning.append(this.reasoningText);
-    this.reasoning.hidden = true;
     this.textEl = el("div", "text");
-    this.body = el("span", "body");
-    this.bodyText = document.createTextNode("");
-    this.body.append(this.bodyText);
+    this.body = el("div", "body markdown");
+    this.view = new MarkdownView(this.body);
     this.cursor = el("span", "cursor");
     this.cursor.setAttribute("aria-hidden", "true");
-    this.textEl.append(this.body, this.cursor);
+    this.textEl.append(this.body);
     this.note = el("div", "note");
-    this.note.hidden = true;
+    this.finishNote = el("div", "finish-note");
     this.errorEl = el("div", "error");
     this.errorEl.setAttribute("role", "alert");
-    this.errorEl.hidden = true;
     this.errorText = el("span", "error-text");
-    this.retryButton = el("button", "retry", "Retry");
-    this.retryButton.type = "button";
-    this.retryButton.addEventListener("click", () => retry(this));
+    this.retryButton = button("retry", "Retry", () => retry(this));
     this.errorEl.append(this.errorText, this.retryButton);
     this.meta = el("div", "meta");
     this.stats = el("span", "stats");
-    this.copyButton = el("button", "copy ghost", "Copy");
-    this.copyButton.type = "button";
-    this.copyButton.addEventListener("click", async () => {
-      const ok = await copyText(this.answer);
-      this.copyButton.textContent = ok ? "Copied" : "Copy failed";
-      setTimeout(() => (this.copyButton.textContent = "Copy"), 1500);
-    });
-    this.meta.append(this.stats, this.copyButton);
-    this.bubble.append(this.reasoning, this.textEl, this.note, this.errorEl, this.meta);
+    this.copyButton = button("copy ghost", "Copy", () =>
+      copyWithFeedback(this.copyButton, this.answer),
+    );
+    this.regenerateButton = button("regenerate ghost", "Regenerate", () => retry(this));
+    this.meta.append(this.stats, this.copyButton, this.regenerateButton);
+    this.bubble.append(
+      this.reasoning,
+      this.textEl,
+      this.finishNote,
+      this.note,
+      this.errorEl,
+      this.meta,
+    );
     this.root.append(q, this.bubble);
     this.reset();
   }
 
+  /** A turn with the text localStorage kept (`record()`); its caller sets its state. */
+  static from(record) {
+    const turn = new Turn(record.q);
+    turn.answer = record.a;
+    turn.setReasoning(String(record.r || ""));
+    turn.finish = String(record.finish || "");
+    turn.draw();
+    return turn;
+  }
+
+  /** What localStorage keeps of the turn (the running one is kept as it began). */
+  record() {
+    return {
+      q: this.question,
+      a: this.answer,
+      r: this.reasoningSource,
+      state: this.state,
+      finish: this.finish,
+      stats: this.stats.textContent,
+      error: this.errorEl.hidden ? "" : this.errorText.textContent,
+    };
+  }
+
   reset() {
     this.answer = "";
-    this.bodyText.data = "";
-    this.reasoningText.textContent = "";
-    this.reasoning.hidden = true;
+    this.setReasoning("");
+    this.lastId = 0; // the last event applied: where a resume reads on from
+    this.finish = "";
     this.tokens = 0;
     this.usageTokens = 0;
     this.started = performance.now();
     this.firstAt = 0;
     this.lastAt = 0;
     this.occurTime = "";
+    this.draw();
     this.setNote("");
+    this.finishNote.hidden = true;
     this.errorEl.hidden = true;
     this.meta.hidden = true;
     this.textEl.hidden = false;
@@ -279,12 +404,19 @@ class Turn {
   setState(state) {
     this.state = state;
     this.root.dataset.state = state;
+    // Screen readers wait for the whole answer instead of reading every frame's change.
     this.bubble.setAttribute("aria-busy", String(state === "waiting" || state === "streaming"));
   }
 
   setNote(text) {
     this.note.textContent = text;
     this.note.hidden = !text;
+  }
+
+  setReasoning(text) {
+    this.reasoningSource = text;
+    this.reasoningText.textContent = text;
+    this.reasoning.hidden = !text;
   }
 
   tick() {
@@ -298,25 +430,26 @@ class Turn {
   addText(text) {
     this.tick();
     this.answer += text;
-    this.bodyText.appendData(text);
-    follow();
+    scheduleDraw(this);
   }
 
   addReasoning(text) {
     this.tick();
+    this.reasoningSource += text;
     this.reasoning.hidden = false;
     this.reasoningText.append(document.createTextNode(text));
-    follow();
+    scheduleDraw(this);
+  }
+
+  /** Render the answer's Markdown, with the cursor after its last word. */
+  draw() {
+    drawn.delete(this);
+    this.view.render(this.answer);
+    cursorHost(this.body).append(this.cursor);
   }
 
   end(state, error) {
-    this.setState(state);
-    this.setNote("");
-    this.textEl.hidden = !this.answer;
-    if (error) {
-      this.errorText.textContent = error.message;
-      this.errorEl.hidden = false;
-    }
+    if (drawn.has(this)) this.draw();
     const parts = [];
     if (this.firstAt) {
       parts.push(`first token ${secs(this.firstAt - this.started)}`);
@@ -326,9 +459,20 @@ class Turn {
     }
     if (this.occurTime) parts.push(this.occurTime);
     if (state === "stopped") parts.push("stopped");
-    this.stats.textContent = parts.join(" · ");
+    this.show(state, error?.message, parts.join(" · "));
+  }
+
+  show(state, error, stats) {
+    this.setState(state);
+    this.setNote("");
+    this.textEl.hidden = !this.answer;
+    this.finishNote.textContent = FINISH_NOTES[this.finish] || "";
+    this.finishNote.hidden = !this.finishNote.textContent;
+    this.errorText.textContent = error || "";
+    this.errorEl.hidden = !error;
+    this.stats.textContent = stats;
     this.copyButton.hidden = !this.answer;
-    this.meta.hidden = parts.length === 0 && !this.answer;
+    this.meta.hidden = !stats && !this.answer;
   }
 }
 
@@ -336,6 +480,7 @@ class Turn {
 function applyEvent(turn, event) {
   if (event.type === "error") throw streamError(event.data);
   if (event.type !== "message") return null;
+  turn.lastId = Number(event.id) || turn.lastId;
   if (event.data === "[DONE]") return "done";
   let chunk;
   try {
@@ -351,14 +496,19 @@ function applyEvent(turn, event) {
       turn.addReasoning(delta.reasoning_content);
     }
     if (typeof delta.content === "string" && delta.content) turn.addText(delta.content);
-    if (choice.finish_reason && delta.occurTime) turn.occurTime = delta.occurTime;
+    if (choice.finish_reason) {
+      // The business node: the answer is complete, or was cut (length, content_filter).
+      turn.finish = choice.finish_reason;
+      if (delta.occurTime) turn.occurTime = delta.occurTime;
+    }
   }
   if (chunk.usage?.completion_tokens) turn.usageTokens = chunk.usage.completion_tokens;
   return null;
 }
 
 // ---------------------------------------------------------------------------
-// The two transports. Each resolves "done" or "stopped", or throws TurnError.
+// The two transports. Each resolves "done" or "stopped", or throws TurnError. Both start
+// from the turn's lastId: 0 for a new question, the last event shown after a reload.
 
 const FIRST_EVENT_MESSAGE = () =>
   `No answer within ${FIRST_EVENT_TIMEOUT_MS / 1000} s: the model did not start ` +
@@ -408,22 +558,22 @@ async function cancelAnswer(uid, text, key) {
   if (uid) deleteSession(uid);
 }
 
-async function runOneShot(turn, body, job) {
+async function runOneShot(turn, live, job) {
   const ctrl = new AbortController();
-  const text = JSON.stringify(body);
-  const key = newKey(); // per run: a Retry is a new answer
-  let uid = null;
   let why = null;
   const giveUp = (reason) => {
     why = reason;
     ctrl.abort();
-    cancelAnswer(uid, text, key);
+    cancelAnswer(live.uid, live.body, live.key);
   };
   job.stop = () => giveUp("stopped");
   const timer = setTimeout(() => giveUp("timeout"), FIRST_EVENT_TIMEOUT_MS);
+  // After a reload: the same body and key again, and the relay reads on after the last
+  // event shown, from the answer it kept (no new upstream call).
+  const resume = turn.lastId ? { "Last-Event-ID": String(turn.lastId) } : {};
   try {
-    const res = await askOnce(text, key, ctrl.signal);
-    uid = res.headers.get("X-Relay-Session");
+    const res = await askOnce(live.body, live.key, ctrl.signal, resume);
+    live.uid = res.headers.get("X-Relay-Session");
     if (!res.ok) throw await httpError(res);
     const type = res.headers.get("Content-Type") || "";
     if (!type.toLowerCase().startsWith("text/event-stream")) {
@@ -431,6 +581,10 @@ async function runOneShot(turn, body, job) {
     }
     for await (const event of readEventStream(res.body)) {
       clearTimeout(timer);
+      const id = event.type === "message" && Number(event.id);
+      // Numbered from 1 again: the relay no longer knew the key (its session TTL had
+      // passed), so this is a new answer, which replaces the old one.
+      if (id && id <= turn.lastId) turn.reset();
       if (applyEvent(turn, event) === "done") return "done";
     }
     throw new TurnError("The stream ended unexpectedly (no [DONE]).", "ended");
@@ -456,7 +610,7 @@ function deleteSession(uid) {
   }).catch(() => {});
 }
 
-async function runSession(turn, body, job) {
+async function runSession(turn, live, job) {
   const ctrl = new AbortController();
   let why = null;
   let onTimeout = () => {
@@ -468,27 +622,31 @@ async function runSession(turn, body, job) {
     why = "stopped";
     ctrl.abort();
   };
-  let created;
-  try {
-    const res = await fetch("/aianswer/sessions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify(body),
-      signal: ctrl.signal,
-    });
-    if (!res.ok) throw await httpError(res);
-    created = await res.json();
-  } catch (e) {
-    clearTimeout(timer);
-    if (why === "stopped") return "stopped";
-    if (why === "timeout") throw new TurnError(FIRST_EVENT_MESSAGE(), "timeout");
-    if (e instanceof TurnError) throw e;
-    throw new TurnError("Could not reach the relay (network error).", "network");
+  if (!live.uid) {
+    try {
+      const res = await fetch("/aianswer/sessions", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: live.body,
+        signal: ctrl.signal,
+      });
+      if (!res.ok) throw await httpError(res);
+      const { uid, streamUrl } = await res.json();
+      Object.assign(live, { uid, streamUrl });
+      saveLive();
+    } catch (e) {
+      clearTimeout(timer);
+      if (why === "stopped") return "stopped";
+      if (why === "timeout") throw new TurnError(FIRST_EVENT_MESSAGE(), "timeout");
+      if (e instanceof TurnError) throw e;
+      throw new TurnError("Could not reach the relay (network error).", "network");
+    }
   }
-  const { uid, streamUrl } = created;
+  const url = new URL(live.streamUrl, location.href);
+  // After a reload: read on after the last event shown.
+  if (turn.lastId) url.searchParams.set("lastEventId", String(turn.lastId));
   return new Promise((resolve, reject) => {
-    const source = new EventSource(new URL(streamUrl, location.href));
-    let lastId = 0;
+    const source = new EventSource(url);
     let settled = false;
     const settle = (fn, value) => {
       if (settled) return;
@@ -499,11 +657,11 @@ async function runSession(turn, body, job) {
     };
     job.stop = () => {
       settle(resolve, "stopped");
-      deleteSession(uid);
+      deleteSession(live.uid);
     };
     onTimeout = () => {
       settle(reject, new TurnError(FIRST_EVENT_MESSAGE(), "timeout"));
-      deleteSession(uid);
+      deleteSession(live.uid);
     };
     source.onmessage = (event) => {
       clearTimeout(timer);
@@ -511,14 +669,10 @@ async function runSession(turn, body, job) {
       // Every event has a sequence id; the server resumes after Last-Event-ID, and
       // this guard keeps a replayed event from ever being shown twice.
       const id = Number(event.lastEventId);
-      if (id) {
-        if (id <= lastId) return;
-        lastId = id;
-      }
+      if (id && id <= turn.lastId) return;
       try {
-        if (applyEvent(turn, { type: "message", data: event.data }) === "done") {
-          settle(resolve, "done");
-        }
+        const outcome = applyEvent(turn, { type: "message", data: event.data, id });
+        if (outcome === "done") settle(resolve, "done");
       } catch (e) {
         settle(reject, e);
       }
@@ -538,11 +692,94 @@ async function runSession(turn, body, job) {
 }
 
 // ---------------------------------------------------------------------------
+// The conversation in localStorage.
+
+/** Keep the newest turns that fit in KEPT_TURNS and KEPT_CHARS. */
+function saveChat() {
+  const records = turns.slice(-KEPT_TURNS).map((t) => t.record());
+  let kept = tailWithin(records, (r) => JSON.stringify(r).length + 1, KEPT_CHARS);
+  // Over the browser's quota (other data of the site): keep fewer.
+  while (!store.set(KEYS.chat, JSON.stringify(kept)) && kept.length) {
+    kept = kept.slice(Math.ceil(kept.length / 2));
+  }
+}
+
+/** Save the running answer: its text and last event id together, so that they agree. */
+function saveLive() {
+  const turn = current?.turn;
+  if (!turn?.live) return;
+  const { body, ...how } = turn.live; // the body is kept apart, once (run)
+  store.set(
+    KEYS.live,
+    JSON.stringify({
+      q: turn.question,
+      a: turn.answer,
+      r: turn.reasoningSource,
+      id: turn.lastId,
+      finish: turn.finish,
+      ...how,
+    }),
+  );
+}
+
+function forgetLive() {
+  store.remove(KEYS.live);
+  store.remove(KEYS.request);
+}
+
+const isRecord = (r) =>
+  r && typeof r.q === "string" && typeof r.a === "string" && typeof r.state === "string";
+
+/** Whether a kept running answer can be reached again: one-shot by its body and key (the
+ * relay keeps it under the key), resumable by its session (no uid: the POST may have made
+ * one or not, and a second one would be a second answer). */
+function canResume(live) {
+  if (live.mode === "oneshot") {
+    return typeof live.body === "string" && typeof live.key === "string";
+  }
+  return live.mode === "resumable" && typeof live.uid === "string";
+}
+
+/** The kept conversation, shown again; the answer that was streaming reads on. */
+function restore() {
+  const records = store.getJSON(KEYS.chat);
+  if (!Array.isArray(records)) return;
+  const live = { ...store.getJSON(KEYS.live), body: store.get(KEYS.request, null) };
+  let resumed = null;
+  for (const record of records.filter(isRecord)) {
+    const running = record.state === "waiting" || record.state === "streaming";
+    let turn;
+    if (running && !resumed && live.q === record.q && canResume(live)) {
+      turn = resumed = Turn.from({ ...record, a: String(live.a), r: live.r, finish: live.finish });
+      turn.lastId = Number(live.id) || 0;
+      const { mode, body, key, uid, streamUrl } = live;
+      turn.live = { mode, body, key, uid, streamUrl };
+      turn.setState(turn.answer ? "streaming" : "waiting");
+    } else {
+      turn = Turn.from(record);
+      if (running) record.error = "The page was closed before this answer was complete.";
+      turn.show(running ? "error" : record.state, record.error, record.stats);
+    }
+    turns.push(turn);
+    ui.turns.append(turn.root);
+  }
+  ui.empty.hidden = turns.length > 0;
+  ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  if (resumed) run(resumed, true);
+}
+
+// ---------------------------------------------------------------------------
 // The page.
 
 const ui = {};
 const turns = [];
 let current = null; // the running job: { turn, stop() }
+let leaving = false; // the page is being unloaded (a reload, say)
+
+/** The conversation as the page keeps and sends it (the tests read it too). */
+export function conversation() {
+  return turns.map((t) => t.record());
+}
 
 function follow() {
   const main = ui.transcript;
@@ -554,7 +791,12 @@ function follow() {
 function setBusy(busy) {
   ui.send.disabled = busy;
   ui.stop.disabled = !busy;
-  for (const turn of turns) turn.retryButton.disabled = busy;
+  const last = turns.at(-1);
+  for (const turn of turns) {
+    turn.retryButton.disabled = busy;
+    turn.regenerateButton.hidden =
+      busy || turn !== last || !["done", "stopped"].includes(turn.state);
+  }
 }
 
 function showNotice(text) {
@@ -568,35 +810,57 @@ function showTokenField() {
   if (document.activeElement !== ui.question) ui.token.focus();
 }
 
-function historyBefore(turn) {
+/** The request for a turn: its question, and the turns before it as history, trimmed to
+ * the server's limits (the newest MAX_PAIRS pairs, and the whole body within MAX_BODY). */
+function requestBody(turn) {
+  const body = {
+    robotId: ui.robot.value || "1",
+    aiQuestion: turn.question,
+    aiQuestionHistory: [],
+  };
   const pairs = [];
   for (const t of turns) {
     if (t === turn) break;
     if (t.answer) pairs.push([t.question, t.answer]);
   }
-  return pairs;
+  const room = MAX_BODY - utf8Length(JSON.stringify(body));
+  const size = (pair) => utf8Length(JSON.stringify(pair)) + 1; // and its comma
+  body.aiQuestionHistory = tailWithin(pairs.slice(-MAX_PAIRS), size, room);
+  return JSON.stringify(body);
 }
 
-async function run(turn) {
+/** Run a turn: a new answer, or (`resuming`, after a reload) the one it was streaming. */
+async function run(turn, resuming = false) {
   if (current) return;
-  turn.reset();
+  if (!resuming) {
+    turn.reset();
+    const body = requestBody(turn);
+    // A fresh key per run: a Retry or Regenerate is a new answer.
+    turn.live = ui.resumable.checked
+      ? { mode: "resumable", body }
+      : { mode: "oneshot", body, key: newKey() };
+  }
   const job = { turn, stop: () => {} };
   current = job;
   setBusy(true);
-  const body = {
-    robotId: ui.robot.value || "1",
-    aiQuestion: turn.question,
-    aiQuestionHistory: historyBefore(turn),
-  };
-  const transport = ui.resumable.checked ? runSession : runOneShot;
+  saveChat();
+  if (!resuming) store.set(KEYS.request, turn.live.body);
+  saveLive();
+  const transport = turn.live.mode === "resumable" ? runSession : runOneShot;
   try {
-    const outcome = await transport(turn, body, job);
+    const outcome = await transport(turn, turn.live, job);
     turn.end(outcome);
   } catch (e) {
     const error = e instanceof TurnError ? e : new TurnError(String(e?.message || e));
     turn.end("error", error);
   } finally {
+    turn.live = null;
     current = null;
+    // Leaving cuts the page's requests, and so ends this run: what pagehide saved stands.
+    if (!leaving) {
+      forgetLive();
+      saveChat();
+    }
     setBusy(false);
     follow();
   }
@@ -626,6 +890,8 @@ function newChat() {
   stop();
   turns.length = 0;
   for (const node of ui.turns.querySelectorAll(".turn")) node.remove();
+  store.remove(KEYS.chat);
+  forgetLive();
   ui.empty.hidden = false;
   ui.question.focus();
 }
@@ -702,7 +968,30 @@ function init() {
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && current) stop();
   });
+  // A code block's Copy button: rendered with the Markdown, so handled here, once.
+  ui.turns.addEventListener("click", (e) => {
+    const copy = e.target.closest(".code-copy");
+    if (copy) {
+      copyWithFeedback(copy, copy.closest(".code-block").querySelector("code").textContent);
+    }
+  });
+  // The freshest text and event id for the reload that may follow. From beforeunload on:
+  // a navigation cuts the page's streams as it starts (EventSource's at once), before
+  // pagehide, and the run they end must not save that end over the answer to resume.
+  const leave = () => {
+    saveLive();
+    leaving = true;
+  };
+  addEventListener("beforeunload", leave);
+  addEventListener("pagehide", leave);
+  addEventListener("pageshow", (e) => {
+    if (e.persisted) leaving = false; // back from the back-forward cache
+  });
 
+  restore();
+  // Announce answers from now on, not the conversation restored at load.
+  ui.turns.setAttribute("aria-live", "polite");
+  setBusy(Boolean(current)); // and Regenerate on the last answer restored
   loadRobots();
   ui.question.focus();
   document.documentElement.dataset.ready = "1";

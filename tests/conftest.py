@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,12 @@ from relay.httpclient import CancelHandle, _ResponseReader
 from relay.sessions import Session
 from relay.sse import ServerSentEvent, SSEParser
 from relay.upstream import UpstreamCall
+from tests.browser import BrowserThread, ChatPage
 from tests.fakeupstream import ScriptedUpstream
 from tests.processes import RelayProcess
 from tests.redis_servers import RedisServer
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
 
 
 @dataclass
@@ -306,3 +310,49 @@ def chunked(body: bytes, size: int) -> bytes:
         piece = body[i : i + size]
         out += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
     return out + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (tests/browser.py)."""
+    bt = BrowserThread()
+    yield bt
+    bt.close()
+
+
+@pytest.fixture
+def open_chat(browser, make_relay, fake):
+    """``open_chat(**context_options)`` -> a fresh ChatPage (own localStorage).
+
+    It depends on the relay fixtures so that pages close before the servers stop.
+    """
+    pages: list[ChatPage] = []
+
+    def new(**options) -> ChatPage:
+        options.setdefault("viewport", {"width": 900, "height": 760})
+        chat = browser.new_page(**options)
+        pages.append(chat)
+        return chat
+
+    yield new
+    errors = [e for chat in pages for e in chat.errors]
+    for chat in pages:
+        chat.close()
+    assert not errors, errors
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """tests/node/node_modules as the lock file pins it (``npm ci`` when missing or older):
+    the Node clients of tests/test_node_clients.py, and axe-core for the page."""
+    modules = NODE_DIR / "node_modules"
+    lock = NODE_DIR / "package-lock.json"
+    if not modules.exists() or modules.stat().st_mtime < lock.stat().st_mtime:
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return modules

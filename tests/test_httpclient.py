@@ -10,7 +10,13 @@ from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from relay import httpclient
-from relay.httpclient import CancelHandle, StreamingHTTPClient, UpstreamCancelled
+from relay.http1 import ResponseHead
+from relay.httpclient import (
+    CancelHandle,
+    StreamingHTTPClient,
+    StreamingRequest,
+    UpstreamCancelled,
+)
 from tests.conftest import chunked, eventually
 from tests.processes import free_port
 
@@ -45,8 +51,7 @@ async def fetch(url: str, **kwargs):
     received: list[bytes] = []
     headers: list[str] = []
     client = StreamingHTTPClient(force_instance=True)
-    handle = kwargs.pop("cancel_handle", None)
-    request = HTTPRequest(
+    request = StreamingRequest(
         url,
         method="POST",
         body=b'{"q": 1}',
@@ -54,8 +59,6 @@ async def fetch(url: str, **kwargs):
         header_callback=headers.append,
         **kwargs,
     )
-    if handle is not None:
-        request.cancel_handle = handle
     try:
         response = await client.fetch(request, raise_error=False)
     except Exception as e:  # noqa: BLE001 - the tests look at what was raised
@@ -85,6 +88,65 @@ async def test_chunked_body_split_anywhere_arrives_exact(piece):
     request = server.requests[0]
     assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"Connection: close\r\n" in request and request.endswith(b'{"q": 1}')
+
+
+@pytest.mark.gen_test
+async def test_head_callback_gets_the_parsed_head_once_before_the_body():
+    seen: list[object] = []
+
+    async def script(reader, writer):
+        writer.write(b"HTTP/1.1 429 Too Many\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 2\r\n\r\n{}")
+
+    def on_chunk(body: bytes) -> None:
+        seen.append(body)
+
+    response, _, _ = await fetch(
+        await RawServer(script).start(), head_callback=seen.append, streaming_callback=on_chunk
+    )
+    head, body = seen
+    assert isinstance(head, ResponseHead) and body == b"{}"
+    assert (head.status, head.reason) == (429, "Too Many")
+    assert head.headers["content-type"] == "application/json"
+    assert response.code == 429
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"follow_redirects": True},
+        {"decompress_response": True},
+        {"proxy_host": "127.0.0.1", "proxy_port": 3128},
+        {"auth_username": "u", "auth_password": "p"},
+        {"expect_100_continue": True},
+        {"user_agent": "x"},
+        {"allow_ipv6": False},
+    ],
+)
+@pytest.mark.gen_test
+async def test_options_the_client_does_not_honour_are_refused_not_ignored(option):
+    client = StreamingHTTPClient(force_instance=True)
+    try:
+        (name,) = [n for n in option if not n.endswith(("_port", "_password"))]
+        with pytest.raises(ValueError, match=f"does not support {name}="):
+            client.fetch(StreamingRequest("http://127.0.0.1:9/v1", **option))
+        # Said explicitly as what the client does anyway, an option is fine.
+        quiet = StreamingRequest(
+            "http://127.0.0.1:9/v1", follow_redirects=False, decompress_response=False
+        )
+        with pytest.raises(ConnectionRefusedError):  # tried: nothing listens there
+            await client.fetch(quiet)
+    finally:
+        client.close()
+
+
+def test_a_plain_http_request_is_refused():
+    client = StreamingHTTPClient(force_instance=True)
+    try:
+        with pytest.raises(TypeError, match="a URL or a StreamingRequest"):
+            client.fetch(HTTPRequest("http://127.0.0.1:9/v1"))
+    finally:
+        client.close()
 
 
 @pytest.mark.gen_test
@@ -264,16 +326,13 @@ def ok_answer(n: int) -> bytes:
 
 async def fetch_on(client: StreamingHTTPClient, url: str, **kwargs):
     received: list[bytes] = []
-    handle = kwargs.pop("cancel_handle", None)
-    request = HTTPRequest(
+    request = StreamingRequest(
         url,
         method="POST",
         body=b'{"q": 1}',
         streaming_callback=kwargs.pop("streaming_callback", received.append),
         **kwargs,
     )
-    if handle is not None:
-        request.cancel_handle = handle
     response = await client.fetch(request, raise_error=False)
     return response, b"".join(received)
 

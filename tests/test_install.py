@@ -24,6 +24,9 @@ from relay.sse import SSEParser
 from tests.processes import ROOT, RelayProcess
 
 QUESTION = "你好"
+STATIC = ROOT / "static"
+# The page's files, its vendored libraries included: all of them ship in both packages.
+PAGE_FILES = sorted(p.relative_to(STATIC).as_posix() for p in STATIC.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_the_sdist_carries_the_tests_docs_page_and_conf(dist: Path) -> None:
     wanted = {f"tests/recordings/{p.name}" for p in recordings.iterdir()}
     wanted |= {"server.py", "pytest.ini", "ruff.toml", "docs/api.md", "conf/relay.conf"}
     wanted |= {"tests/conftest.py", "tests/fakeupstream.py", "tests/node/package-lock.json"}
-    wanted |= {"static/index.html", "static/app.js"}
+    wanted |= {f"static/{name}" for name in PAGE_FILES}
     assert wanted <= names, wanted - names
     assert not any("node_modules" in name for name in names)
 
@@ -71,7 +74,7 @@ def test_the_wheel_has_the_page_and_robots_and_no_top_level_server_module(dist: 
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert b"tornado-llm-relay = relay.serve:main" in whl.read(entry_points)
     assert not any("/" not in name for name in names), "a top-level module"
-    for needed in ("relay/static/index.html", "relay/static/app.js", "relay/conf/relay.conf"):
+    for needed in [*(f"relay/static/{name}" for name in PAGE_FILES), "relay/conf/relay.conf"]:
         assert needed in names, needed
 
 
@@ -87,9 +90,10 @@ def test_the_console_command_serves_page_robots_and_answers_from_an_empty_direct
         relay.wait_ready()
         page = urllib.request.urlopen(relay.url + "/", timeout=5)
         assert page.status == 200 and b"<html" in page.read().lower()
-        script = urllib.request.urlopen(relay.url + "/static/app.js", timeout=5)
-        assert script.status == 200
-        assert script.read() == (ROOT / "static" / "app.js").read_bytes()
+        for name in ("app.js", "vendor/marked/marked.esm.js"):
+            script = urllib.request.urlopen(f"{relay.url}/static/{name}", timeout=5)
+            assert script.status == 200
+            assert script.read() == (STATIC / name).read_bytes()
         robots = json.load(urllib.request.urlopen(relay.url + "/aianswer/robots", timeout=5))
         conf = tomllib.loads((ROOT / "conf" / "relay.conf").read_text())
         assert robots["robots"] == [
@@ -148,3 +152,19 @@ def test_pip_install_dot_builds_the_same_package_data(tmp_path: Path) -> None:
     assert (tmp_path / "relay" / "static" / "index.html").is_file()
     assert (tmp_path / "relay" / "conf" / "relay.conf").is_file()
     assert not (tmp_path / "server.py").exists()
+
+
+def test_the_vendored_page_libraries_are_the_pinned_versions_with_their_licences() -> None:
+    """static/vendor/update.sh copies what package.json pins and the lock file locks."""
+    vendor = STATIC / "vendor"
+    pins = json.loads((vendor / "package.json").read_text())["dependencies"]
+    locked = json.loads((vendor / "package-lock.json").read_text())["packages"]
+    assert {name: locked[f"node_modules/{name}"]["version"] for name in pins} == pins
+    banners = {
+        "marked/marked.esm.js": f"marked v{pins['marked']}",
+        "dompurify/purify.min.js": f"DOMPurify {pins['dompurify']}",
+        "highlightjs/highlight.min.js": f"Highlight.js v{pins['@highlightjs/cdn-assets']}",
+    }
+    for path, banner in banners.items():
+        assert banner in (vendor / path).read_text()[:400], path
+        assert (vendor / path).with_name("LICENSE").stat().st_size > 1000, path

@@ -78,7 +78,7 @@ def test_no_test_module_imports_from_another():
 
 
 def test_every_documented_python_m_command_runs_a_module():
-    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *RELAY.rglob("*.py")]
+    docs = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *RELAY.rglob("*.py")]
     # A name followed by ".<" is a pattern (``relay.tools.<name>``), not a command.
     command = re.compile(r"python -m\s+(relay(?:\.\w+)*)(?![.\w<])")
     names = {name for doc in docs for name in command.findall(doc.read_text(encoding="utf-8"))}

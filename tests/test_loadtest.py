@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tornado.httpclient import HTTPRequest
 
-from relay.httpclient import StreamingHTTPClient
+from relay.httpclient import StreamingHTTPClient, StreamingRequest
 from relay.sse import SSEParser
 from relay.tools import fakeupstream, loadtest
 from relay.tools.fakeupstream import Answer, FakeUpstream, expected_text
@@ -115,7 +114,7 @@ async def test_fake_upstream_keeps_the_connection_unless_asked_to_close(make_ups
     try:
         for _ in range(3):
             got: list[bytes] = []
-            request = HTTPRequest(
+            request = StreamingRequest(
                 fake.url + "/chat/completions",
                 method="POST",
                 body=json.dumps(CHAT),

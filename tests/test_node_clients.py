@@ -11,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ASK, create_session
+from tests.conftest import ASK, NODE_DIR, create_session
 from tests.cutproxy import CuttingProxy
 from tests.fakeupstream import stream_tokens
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 RECORDINGS = Path(__file__).resolve().parent / "recordings"
 
 TOKENS = [f"t{i} " for i in range(28)] + ["尊敬", "\n"]
@@ -32,22 +30,6 @@ CUT_IN = 14
 pytestmark = pytest.mark.skipif(
     not (shutil.which("node") and shutil.which("npm")), reason="no node and npm here"
 )
-
-
-@pytest.fixture(scope="session")
-def node_modules() -> Path:
-    """tests/node/node_modules as the lock file pins it (``npm ci`` when missing or older)."""
-    modules = NODE_DIR / "node_modules"
-    lock = NODE_DIR / "package-lock.json"
-    if not modules.exists() or modules.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return modules
 
 
 async def run_node(script: str, *args: str, timeout: float = 30) -> list[dict]:

@@ -5,8 +5,10 @@ upstream; the browser lives on a thread of its own (tests/browser.py) and page
 actions are handed to it with ``await chat.run(...)``.
 
 ``RELAY_SCREENSHOT=1 python -m pytest tests/test_page.py -k demo`` refreshes
-docs/screenshot.png (a finished demo answer to a Chinese question); other runs
-write the screenshot to a temporary directory, so the tree stays clean.
+docs/screenshot.png (a finished demo answer to a Chinese question, its Markdown
+rendered); other runs write the screenshot to a temporary directory, so the tree
+stays clean. Markdown safety, reloads, the kept conversation, keys, accessibility
+and long answers are in tests/test_page_markdown.py.
 """
 
 from __future__ import annotations
@@ -21,158 +23,54 @@ import pytest
 from relay import demo
 from relay.config import Robot
 from relay.sse import SSEParser
-from tests.browser import CHROMIUM, BrowserThread, ChatPage
-from tests.fakeupstream import (
-    answer_frames,
-    chunk,
-    hang,
-    send_frames,
-    start_stream,
-    status,
-    stream_tokens,
+from tests.chatpage import (
+    MODES,
+    TIMEOUT,
+    ask,
+    gated,
+    hanging,
+    needs_chromium,
+    open_in_mode,
+    open_page,
+    record_console,
+    turn_info,
+    wait_state,
+    wait_text,
+    wait_until,
 )
+from tests.fakeupstream import answer_frames, chunk, hang, send_frames, status, stream_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
 TOKENS = ["尊敬", "的", "用户", "，", "\n\n", "<b>not", " bold</b>", " &amp;", "\n", "  end", "。"]
 TEXT = "".join(TOKENS)
-TIMEOUT = 30
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Chromium here")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    bt = BrowserThread()
-    yield bt
-    bt.close()
+pytestmark = needs_chromium
 
 
-@pytest.fixture
-def open_chat(browser, make_relay, fake):
-    """``open_chat(**context_options)`` -> a fresh ChatPage (own localStorage).
-
-    It depends on the relay fixtures so that pages close before the servers stop.
-    """
-    pages: list[ChatPage] = []
-
-    def new(**options) -> ChatPage:
-        options.setdefault("viewport", {"width": 900, "height": 760})
-        chat = browser.new_page(**options)
-        pages.append(chat)
-        return chat
-
-    yield new
-    errors = [e for chat in pages for e in chat.errors]
-    for chat in pages:
-        chat.close()
-    assert not errors, errors
-
-
-# -- helpers that run on the browser's loop ------------------------------------
-
-TURN_INFO = """n => {
-  const t = document.querySelectorAll('.turn')[n];
-  if (!t) return null;
-  const error = t.querySelector('.error');
+RENDERED = """() => {
+  const body = document.querySelector('.turn .body');
+  const code = body.querySelector('.code-block');
   return {
-    state: t.dataset.state,
-    question: t.querySelector('.question').textContent,
-    text: t.querySelector('.body').textContent,
-    html: t.querySelector('.text').innerHTML,
-    error: error.hidden ? null : t.querySelector('.error-text').textContent,
-    retry: !error.hidden && getComputedStyle(t.querySelector('.retry')).display !== 'none',
-    stats: t.querySelector('.meta').hidden ? null : t.querySelector('.stats').textContent,
-    cursor: getComputedStyle(t.querySelector('.cursor')).display !== 'none',
-    whiteSpace: getComputedStyle(t.querySelector('.text')).whiteSpace,
+    tags: [...body.children].map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '')),
+    heading: body.querySelector('h2')?.textContent,
+    items: [...body.querySelectorAll('ul > li')].map(li => li.textContent),
+    cells: [...body.querySelectorAll('table tr')].map(tr => [...tr.cells].map(c => c.textContent)),
+    language: code?.querySelector('.code-lang').textContent,
+    highlighted: code?.querySelectorAll('code [class^="hljs-"]').length,
+    overflowX: code && getComputedStyle(code.querySelector('pre')).overflowX,
+    font: code && getComputedStyle(code.querySelector('code')).fontFamily,
   };
 }"""
 
 
-async def open_page(page, url: str) -> None:
-    await page.goto(url + "/")
-    await page.wait_for_selector("html[data-ready]", state="attached")
-
-
-async def ask(page, question: str) -> None:
-    await page.fill("#question", question)
-    await page.press("#question", "Enter")
-
-
-async def turn_info(page, n: int = 0) -> dict | None:
-    return await page.evaluate(TURN_INFO, n)
-
-
-async def wait_state(page, n: int, *states: str) -> dict:
-    await page.wait_for_function(
-        "([n, states]) => { const t = document.querySelectorAll('.turn')[n];"
-        " return !!t && states.includes(t.dataset.state); }",
-        arg=[n, list(states)],
-    )
-    return await turn_info(page, n)
-
-
-async def wait_text(page, n: int, text: str) -> None:
-    await page.wait_for_function(
-        "([n, text]) => { const t = document.querySelectorAll('.turn')[n];"
-        " return !!t && t.querySelector('.body').textContent === text; }",
-        arg=[n, text],
-    )
-
-
-async def wait_until(predicate, timeout: float = 10) -> None:
-    """Poll a condition on the test's own loop (relay state)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
-def gated(tokens: list[str], first: int, gate: asyncio.Event):
-    """A fake-upstream script: the first ``first`` tokens, then wait for ``gate``, then the rest."""
-    frames = answer_frames(tokens)
-
-    async def script(handler, body, key):
-        start_stream(handler)
-        for frame in frames[: first + 1]:  # the role chunk, then ``first`` tokens
-            await handler.send(frame)
-        await gate.wait()
-        for frame in frames[first + 1 :]:
-            await handler.send(frame)
-
-    return script
-
-
-def hanging(tokens: list[str], seconds: float = 30):
-    """Some tokens, then silence (no finish, no [DONE])."""
-    frames = answer_frames(tokens, finish=False)
-
-    async def script(handler, body, key):
-        start_stream(handler)
-        for frame in frames:
-            await handler.send(frame)
-        await asyncio.sleep(seconds)
-
-    return script
-
-
-MODES = pytest.mark.parametrize("mode", ["oneshot", "resumable"])
-
-
-async def open_in_mode(chat: ChatPage, url: str, mode: str) -> None:
-    await chat.run(open_page(chat.page, url))
-    if mode == "resumable":
-        await chat.run(chat.page.check("#resumable"))
-
-
-# -- the tests -----------------------------------------------------------------
-
-
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_demo_answer_appears_complete_and_exact(make_relay, open_chat, tmp_path):
+async def test_demo_answer_renders_its_markdown_and_copies_exactly(make_relay, open_chat, tmp_path):
     rs = make_relay(demo_token_delay=0.002)
-    chat = open_chat(permissions=["clipboard-read", "clipboard-write"])
+    chat = open_chat(
+        permissions=["clipboard-read", "clipboard-write"], viewport={"width": 900, "height": 1180}
+    )
     page = chat.page
     await chat.run(open_page(page, rs.url))
     name = rs.relay.settings.robots[0].name
@@ -183,30 +81,34 @@ async def test_demo_answer_appears_complete_and_exact(make_relay, open_chat, tmp
     assert info["error"] is None
     assert info["question"] == question
     assert info["text"] == demo.answer_for(question)
-    assert "\n\n" in info["text"] and info["whiteSpace"] == "pre-wrap"
     assert not info["cursor"], "the cursor goes away when the answer is complete"
     assert "first token" in info["stats"] and "tokens/s" in info["stats"]
     assert await chat.run(page.is_enabled("#send"))
     assert not await chat.run(page.is_enabled("#stop"))
+    # The demo's Markdown as elements: a heading, a list, a table and a highlighted code block.
+    md = await chat.run(page.evaluate(RENDERED))
+    assert md["tags"][:2] == ["h2", "p"] and "div.code-block" in md["tags"], md["tags"]
+    assert md["heading"] == "你好！这是演示模型的回答"
+    assert md["items"][1] == "换行本身也是一个词元；" and "Last-Event-ID" in md["items"][2]
+    assert md["cells"][0] == ["模式 Mode", "接口 Endpoint", "断线以后 After a drop"]
+    assert md["cells"][2][1] == "GET /aianswer/stream/<uid>"
+    assert md["language"] == "python" and md["highlighted"] > 10
+    assert md["overflowX"] == "auto" and "monospace" in md["font"]
     # docs/screenshot.png changes with every run (timings), so only write it on request.
     target = SCREENSHOT if os.environ.get("RELAY_SCREENSHOT") else tmp_path / "screenshot.png"
     await chat.run(page.evaluate("document.activeElement.blur()"))
     await chat.run(page.screenshot(path=str(target)))
     assert target.stat().st_size > 10_000
+    # The code block's Copy copies its code exactly; the answer's Copy, the Markdown.
+    await chat.run(page.click(".turn .code-copy"))
+    await chat.run(page.wait_for_selector(".turn .code-copy:text-is('Copied')"))
+    copied = await chat.run(page.evaluate("navigator.clipboard.readText()"))
+    code = demo.ANSWER.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert copied == code and code.startswith("import json") and "你好" in code
     await chat.run(page.click(".turn .copy"))
     await chat.run(page.wait_for_selector(".turn .copy:text-is('Copied')"))
     copied = await chat.run(page.evaluate("navigator.clipboard.readText()"))
     assert copied == demo.answer_for(question)
-
-
-async def record_console(page, messages: list[str]) -> None:
-    """Keep the page's console errors and warnings (a CSP violation is reported there)."""
-
-    def on_console(message) -> None:
-        if message.type in ("error", "warning"):
-            messages.append(f"{message.type}: {message.text}")
-
-    page.on("console", on_console)
 
 
 INLINE_SCRIPT_RUNS = """() => {

@@ -8,10 +8,11 @@ import socket
 
 import pytest
 from tornado.iostream import IOStream
+from tornado.simple_httpclient import HTTPStreamClosedError
 
 from relay.sessions import MemoryStore, Session, SessionLimits
 from tests.conftest import ASK, create_session, eventually, fetch_stream
-from tests.fakeupstream import hang, stream_tokens
+from tests.fakeupstream import answer_frames, hang, stream_tokens
 
 TOKENS = [f"词{i} " for i in range(30)]
 
@@ -213,8 +214,68 @@ async def test_missing_or_wrong_token_is_401(make_relay, fake):
 
 
 class Reader:
+    def __init__(self) -> None:
+        self.woken = 0
+        self.dropped = False
+
     def wake(self) -> None:
-        pass
+        self.woken += 1
+
+    def drop(self) -> None:
+        self.dropped = True
+
+
+class BrokenReader(Reader):
+    def wake(self) -> None:
+        raise RuntimeError("a bug in one stream")
+
+
+def test_one_reader_failing_in_wake_does_not_fail_the_others(caplog):
+    # Regression: the exception ran up into the upstream read and failed the call,
+    # and so the answer, for every reader of the session.
+    s = Session("u" * 32, "alice", "1", replayable=True, limits=SessionLimits())
+    good, broken, later = Reader(), BrokenReader(), Reader()
+    for reader in (good, broken, later):
+        s.subscribe(reader, 0)
+    s.append("e1")
+    assert s.running and (good.woken, later.woken) == (1, 1)
+    assert broken.dropped and s.readers == 2 and not good.dropped
+    assert "a reader of session uuuuuuuu failed" in caplog.text and "u" * 32 not in caplog.text
+    s.append("e2")
+    assert (good.woken, later.woken) == (2, 2)
+
+
+@pytest.mark.gen_test
+async def test_a_stream_whose_wake_fails_ends_alone_and_the_answer_goes_on(relay, fake):
+    gate = asyncio.Event()
+
+    async def script(handler, body, key):
+        for frame in answer_frames(TOKENS[:2], finish=False):
+            handler.write(frame)
+            await handler.flush()
+        await gate.wait()
+        for frame in answer_frames(TOKENS[2:]):
+            handler.write(frame)
+            await handler.flush()
+
+    fake.script = script
+    created = await create_session(relay)
+    url = relay.url + created["streamUrl"]
+    broken = asyncio.ensure_future(fetch_stream(url))
+    await eventually(lambda: len(relay.relay.streams) == 1)
+    (handler,) = relay.relay.streams
+
+    def fail() -> None:
+        raise RuntimeError("a bug in one stream")
+
+    handler.wake = fail  # this stream's wake breaks from now on
+    whole = asyncio.ensure_future(fetch_stream(url))
+    await eventually(lambda: len(relay.relay.streams) == 2)
+    gate.set()
+    res = await whole
+    assert res.text() == "".join(TOKENS) and res.data[-1] == "[DONE]"
+    with pytest.raises(HTTPStreamClosedError):  # ended alone: its connection closed
+        await broken
 
 
 def test_session_keeps_bounded_events_and_reports_trimmed_cursors():
