@@ -1,0 +1,20 @@
+"""The benchmark (relay.tools.bench) end to end on a tiny scenario, run from a directory that is
+not the checkout: the fake upstream, the relay and the load tester come from the installed
+package."""
+
+from __future__ import annotations
+
+from relay.tools import bench
+
+
+def test_a_tiny_scenario_runs_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = bench.Scenario("t", "4 streams of 5 tokens", 4, 5, 10, 1.0, 0.2, targets=("relay",))
+    monkeypatch.setitem(bench.SCENARIOS, "t", tiny)
+    results = bench.bench(["t"], 1, tmp_path)
+    row = results["t"]["relay"]
+    assert row["errors"] == 0 and row["completed"] >= 4, row
+    exact, checked = row["exact"].split("/")  # a 10% sample of the streams
+    assert exact == checked and int(checked) >= 1, row
+    assert row["cpu_us_per_event"] > 0 and row["health_max_ms"] is not None
+    assert "### t) 4 streams of 5 tokens" in bench.markdown(results)
