@@ -171,14 +171,18 @@ class RelayApplication(Application):
 
     A session uid is a capability, so a log line shows only its first 8 characters:
     any run of 16 or more hex digits in the URI is cut to its first 8 and ``…``.
+
+    ``relay`` is what every handler shares (`relay.handlers.BaseHandler.relay`).
     """
+
+    def __init__(self, relay: Relay, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relay = relay
 
     def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> _HandlerDelegate:
         # The first thing that sees a request: from here on, for the rate limit, the
         # per-address cap and the logs, the client is who the trusted proxies name.
-        request.remote_ip = self.settings["relay"].client_address(
-            request.remote_ip, request.headers
-        )
+        request.remote_ip = self.relay.client_address(request.remote_ip or "", request.headers)
         return super().find_handler(request, **kwargs)
 
     def log_request(self, handler: RequestHandler) -> None:
@@ -212,7 +216,7 @@ def make_store(settings: Settings) -> MemoryStore | RedisStore:
     return MemoryStore(settings.session_ttl, max_kept_bytes=kept)
 
 
-def make_app(settings: Settings) -> Application:
+def make_app(settings: Settings) -> RelayApplication:
     """Build the Tornado application; with no ``--upstream`` its `Relay` also starts the
     embedded demo upstream, on a loopback port of its own (relay/demo.py)."""
     relay = Relay(settings)
@@ -228,11 +232,11 @@ def make_app(settings: Settings) -> Application:
         (r"/metrics", handlers.MetricsHandler),
     ]
     app = RelayApplication(
+        relay,
         routes,
         default_handler_class=handlers.NotFoundHandler,
         static_path=os.fspath(STATIC_DIR),
         static_handler_class=handlers.StaticHandler,
-        relay=relay,
     )
     relay.start()
     return app

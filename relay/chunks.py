@@ -32,7 +32,8 @@ import copy
 import json
 import re
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeGuard
 
 import ujson
 
@@ -46,7 +47,7 @@ def _dumps(obj: Any) -> str:
     return ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False)
 
 
-def _carries_payload(delta: dict) -> bool:
+def _carries_payload(delta: dict[str, Any]) -> bool:
     for key in _CARRIERS:
         value = delta.get(key)
         if isinstance(value, str) and value:
@@ -57,8 +58,8 @@ def _carries_payload(delta: dict) -> bool:
 def error_message(doc: Any) -> str:
     """The human message of an OpenAI-style error document (or a short fallback)."""
     err = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"][:500]
+    if isinstance(err, dict) and isinstance(message := err.get("message"), str):
+        return message[:500]
     if isinstance(err, str):
         return err[:500]
     return "the upstream reported an error"
@@ -69,19 +70,31 @@ def token_counts(usage: Any) -> tuple[int, int] | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    for n in (prompt, completion):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            return None
-    return prompt, completion
+    if _count(prompt) and _count(completion):
+        return prompt, completion
+    return None
+
+
+def _count(n: object) -> TypeGuard[int]:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 # -- removing the role member from the upstream's own text ---------------------------
 
 _WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """The index of the first character at or after ``i`` that is not JSON whitespace."""
+    match = _WS.match(text, i)  # never None: the pattern matches the empty string
+    return match.end() if match else i
+
+
 # The standard library's C scanner: strings and whole values are skipped without a
 # character loop in Python. Not strict: ujson, which parsed the chunk, is not either.
 _DECODER = json.JSONDecoder(strict=False)
-_scan_string = json.decoder.scanstring
+# The C string scanner, which typeshed does not declare.
+_scan_string: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class _Member(NamedTuple):
@@ -98,27 +111,26 @@ def _members(text: str, i: int) -> tuple[list[_Member], int]:
     """
     if text[i] != "{":
         raise ValueError("not an object")
-    ws = _WS.match
     members: list[_Member] = []
-    i = ws(text, i + 1).end()
+    i = _skip_ws(text, i + 1)
     if text[i] == "}":
         return members, i
     while True:
         if text[i] != '"':
             raise ValueError("not a key")
         key, after = _scan_string(text, i + 1, False)
-        colon = ws(text, after).end()
+        colon = _skip_ws(text, after)
         if text[colon] != ":":
             raise ValueError("no colon")
-        value_start = ws(text, colon + 1).end()
+        value_start = _skip_ws(text, colon + 1)
         _, value_end = _DECODER.raw_decode(text, value_start)
         members.append(_Member(key, i, value_start, value_end))
-        i = ws(text, value_end).end()
+        i = _skip_ws(text, value_end)
         if text[i] == "}":
             return members, i
         if text[i] != ",":
             raise ValueError("no comma")
-        i = ws(text, i + 1).end()
+        i = _skip_ws(text, i + 1)
 
 
 def _last(members: list[_Member], key: str) -> _Member:
@@ -131,11 +143,11 @@ def _last(members: list[_Member], key: str) -> _Member:
 
 def _role_span(text: str) -> tuple[int, int] | None:
     """The span to cut to remove one ``role`` member of ``choices[0].delta``, or None."""
-    top, _ = _members(text, _WS.match(text).end())
+    top, _ = _members(text, _skip_ws(text, 0))
     array = _last(top, "choices").value_start
     if text[array] != "[":
         raise ValueError("choices is not an array")
-    choice, _ = _members(text, _WS.match(text, array + 1).end())
+    choice, _ = _members(text, _skip_ws(text, array + 1))
     obj = _last(choice, "delta").value_start
     members, close = _members(text, obj)
     for k, member in enumerate(members):
@@ -168,18 +180,17 @@ def _scan_strip(text: str) -> str | None:
 def _span_at(text: str, i: int) -> tuple[int, int] | None:
     """If ``text[i:]`` starts a ``"role": value`` member, the span `_role_span` would cut
     for it: the member and the separator after it, or before it for a last member."""
-    ws = _WS.match
-    colon = ws(text, i + 6).end()
+    colon = _skip_ws(text, i + 6)
     if text[colon : colon + 1] != ":":
         return None
     try:
-        _, value_end = _DECODER.raw_decode(text, ws(text, colon + 1).end())
+        _, value_end = _DECODER.raw_decode(text, _skip_ws(text, colon + 1))
     except ValueError:
         return None
-    after = ws(text, value_end).end()
+    after = _skip_ws(text, value_end)
     close = text[after : after + 1]
     if close == ",":
-        return i, ws(text, after + 1).end()
+        return i, _skip_ws(text, after + 1)
     if close != "}":
         return None
     before = i - 1
@@ -236,7 +247,7 @@ def strip_role(text: str, doc: Any = None) -> str | None:
     return _scan_strip(text)
 
 
-def _without_role(data: str, doc: dict) -> str:
+def _without_role(data: str, doc: dict[str, Any]) -> str:
     stripped = strip_role(data, doc)
     if stripped is not None:
         return stripped
@@ -259,8 +270,8 @@ class ChunkRules:
         self.ai_id = ai_id
         self.finished = False
         self.done = False
-        self.usage: dict | None = None
-        self._held: dict | None = None
+        self.usage: dict[str, Any] | None = None
+        self._held: dict[str, Any] | None = None
 
     @property
     def holding(self) -> bool:

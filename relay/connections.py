@@ -55,7 +55,7 @@ import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Iterable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
@@ -68,6 +68,9 @@ from relay.config import Settings
 from relay.errors import RelayError
 from relay.limits import connection_budget, upstream_descriptors
 from relay.metrics import Metrics
+
+if TYPE_CHECKING:
+    from relay.app import RelayApplication
 
 log = logging.getLogger("relay.connections")
 
@@ -264,7 +267,7 @@ class ConnectionServer(HTTPServer):
 
     # -- following each connection -----------------------------------------
 
-    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self._conns[stream] = self._pending[stream] = _Conn(stream, time.monotonic())
         super().handle_stream(stream, address)
 
@@ -304,7 +307,7 @@ class ConnectionServer(HTTPServer):
     def _check(self) -> None:
         now = time.monotonic()
         for conn in list(self._pending.values()):
-            if conn.state == IDLE and getattr(conn.stream, "_read_buffer_size", 0):
+            if conn.state == IDLE and conn.stream._read_buffer_size:
                 # The next request has begun: its headers have their own timeout from
                 # now. (Without the private attribute, the idle timeout still bounds it.)
                 conn.state, conn.since = HEADERS, now
@@ -337,14 +340,14 @@ def tick_interval(settings: Settings) -> float:
     return min(max(shortest / 4, 0.05), 1.0)
 
 
-def make_http_server(app: Application) -> ConnectionServer:
+def make_http_server(app: RelayApplication) -> ConnectionServer:
     """The relay's HTTP server for ``app``: call ``add_sockets`` on it to serve."""
     # The settings as the app resolved them (--max-streams fitted to the descriptor limit).
-    settings = app.settings["relay"].settings
+    settings = app.relay.settings
     return ConnectionServer(
         app,
         settings=settings,
-        metrics=app.settings["relay"].metrics,
+        metrics=app.relay.metrics,
         budget=connection_budget(
             settings.max_streams, upstream_descriptors(settings.upstream is None)
         ),

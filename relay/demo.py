@@ -20,8 +20,10 @@ import hmac
 import re
 import secrets
 import time
+from typing import Any, cast
 
 import ujson
+from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
@@ -91,7 +93,7 @@ def answer_for(question: str) -> str:
     return ANSWER
 
 
-def _chunk(completion_id: str, created: int, delta: dict, finish: str | None) -> bytes:
+def _chunk(completion_id: str, created: int, delta: dict[str, Any], finish: str | None) -> bytes:
     doc = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -144,7 +146,7 @@ class DemoCompletionsHandler(RequestHandler):
             self.set_status(401)
             self.finish({"error": {"message": "the demo answers its own relay only"}})
             return
-        self.request.connection.set_max_body_size(MAX_REQUEST)
+        cast(HTTP1Connection, self.request.connection).set_max_body_size(MAX_REQUEST)
 
     def data_received(self, chunk: bytes) -> None:
         pass

@@ -183,7 +183,7 @@ class StreamingHTTPClient(AsyncHTTPClient):
         elif not isinstance(request, StreamingRequest):
             raise TypeError("StreamingHTTPClient.fetch takes a URL or a StreamingRequest")
         _refuse_unsupported(request)
-        return super().fetch(request, raise_error, **kwargs)  # type: ignore[return-value]
+        return super().fetch(request, raise_error, **kwargs)
 
     def fetch_impl(self, request: HTTPRequest, callback: Any) -> None:
         # Callbacks rather than a coroutine: a task only to open a new connection,
@@ -275,8 +275,9 @@ class ConnectionPool:
             idle = stack.pop()
             if not idle.dead and not idle.transport.is_closing():
                 idle.dead = True
-                idle.timer.cancel()
-                idle.timer = None
+                if idle.timer is not None:
+                    idle.timer.cancel()
+                    idle.timer = None
                 self.idle_count -= 1
                 return idle.transport
         return None
@@ -413,19 +414,26 @@ class _ResponseReader(asyncio.Protocol):
         except TimeoutError:
             raise HTTPTimeoutError("Timeout while connecting") from None
 
-    def _connected(self, attempt: asyncio.Future) -> None:
+    def _connected(self, attempt: asyncio.Future[None]) -> None:
         self._connecting = None
         if attempt.cancelled():
             return
-        if attempt.exception() is not None:
-            self.fail(attempt.exception())
+        error = attempt.exception()
+        if error is not None:
+            self.fail(error)
         elif self.done.done():  # cancelled or timed out while connecting
-            self.transport.abort()
+            self._connection().abort()
         else:
             self._send()
 
+    def _connection(self) -> asyncio.Transport:
+        """The transport, once connected (``connection_made`` has set it)."""
+        if self.transport is None:
+            raise RuntimeError("not connected")
+        return self.transport
+
     def _send(self) -> None:
-        self.transport.write(_request_bytes(self.request, self._url, self.pool.keepalive > 0))
+        self._connection().write(_request_bytes(self.request, self._url, self.pool.keepalive > 0))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -484,10 +492,10 @@ class _ResponseReader(asyncio.Protocol):
         if result is not None:
             future = result if asyncio.isfuture(result) else asyncio.ensure_future(result)
             if not future.done():
-                self.transport.pause_reading()
+                self._connection().pause_reading()
                 future.add_done_callback(self._resume)
 
-    def _resume(self, future: asyncio.Future) -> None:
+    def _resume(self, future: asyncio.Future[Any]) -> None:
         if not self.done.done() and self.transport is not None:
             self.transport.resume_reading()
 

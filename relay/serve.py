@@ -147,11 +147,11 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     app = make_app(settings)
     server = make_http_server(app)
     server.add_sockets(sockets)
-    relay = app.settings["relay"]
+    relay = app.relay
     upstream = settings.upstream or f"the embedded demo at {relay.upstream.url}"
     log.info("relay listening on %s, upstream %s", self_url(settings.host, port), _safe(upstream))
     manual_full_collections()
-    collector = PeriodicCallback(full_collection, settings.prune_interval * 1000)
+    collector = PeriodicCallback(_collect, settings.prune_interval * 1000)
     collector.start()
 
     # SIGTERM (an orchestrator's stop): drain first. SIGINT (Ctrl-C), also during a drain:
@@ -159,7 +159,7 @@ async def _serve(settings: Settings, sockets: list[socket.socket]) -> int:
     stop, stop_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, lambda: (stop_now.set(), stop.set()))
+    loop.add_signal_handler(signal.SIGINT, lambda: _set(stop_now, stop))
     await stop.wait()
     if not stop_now.is_set():
         await relay.drain(settings.drain_timeout, stop_now)
@@ -191,6 +191,15 @@ def full_collection() -> int:
     level = logging.WARNING if took > 0.1 else logging.DEBUG
     log.log(level, "full GC pass: %.0f ms, %d unreachable objects", took * 1000, found)
     return found
+
+
+def _collect() -> None:
+    full_collection()
+
+
+def _set(*events: asyncio.Event) -> None:
+    for event in events:
+        event.set()
 
 
 def _safe(url: str) -> str:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol
 
 from relay.errors import RelayError
 from relay.idempotency import Entry, KeyedAsk, MemoryIndex
@@ -126,7 +126,7 @@ class Session:
         # back-pressure (the Redis writer is one).
         self.observers: list[Callable[[], None]] = []
         self.attached = False  # whether a reader ever subscribed
-        self.usage: dict | None = None  # the answer's usage, once the upstream sent it
+        self.usage: dict[str, Any] | None = None  # the answer's usage, once the upstream sent it
         self.keyed: str | None = None  # its Idempotency-Key's index entry (relay.idempotency)
         self.reader = ""  # token of the keyed stream that read it last (relay.resume)
         self.runs_call = runs_call

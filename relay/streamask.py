@@ -55,7 +55,7 @@ class StreamAskHandler(EventStreamHandler):
         try:
             user = self.user_id()
             robot, payload = self.read_ask()
-            if peer_closed(self.request.connection.stream):
+            if peer_closed(self.connection.stream):
                 return
             # Anonymous clients all have one user name: their keys are scoped by address.
             scope = f"user:{user}" if relay.settings.auth_tokens else f"addr:{self.address}"

@@ -61,7 +61,7 @@ def make_relay(io_loop) -> Callable[..., RelayServer]:
         app = make_app(settings)
         server = make_http_server(app)
         server.add_sockets([sock])
-        rs = RelayServer(url, app.settings["relay"], server)
+        rs = RelayServer(url, app.relay, server)
         started.append(rs)
         return rs
 

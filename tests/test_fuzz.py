@@ -52,7 +52,7 @@ def threaded_relay():
             ready.set()
             await box["stop"].wait()
             server.stop()
-            await app.settings["relay"].shutdown(grace=1)
+            await app.relay.shutdown(grace=1)
 
         asyncio.run(main())
 
