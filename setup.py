@@ -44,7 +44,8 @@ setup(
             # llama-server (built by .ci/build-llama-server).
             "gguf>=0.17",
             "numpy>=1.24",
-            # Real clients read the relay's streams with their own parsers (tests/test_python_clients.py).
+            # Real clients read the relay's streams with their own parsers
+            # (tests/test_python_clients.py).
             "openai>=3.57",
             "httpx-sse>=0.4.3",
             # httpx-sse imports httpx but does not declare it (openai 3 runs on its fork, httpx2).

@@ -439,11 +439,13 @@ def _file_entries(values: Mapping[str, Any]) -> list[tuple[Setting, str, str]]:
         if name == "robots":
             continue
         if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
+            text = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
-            value = "true" if value else "false"
+            text = "true" if value else "false"
+        else:
+            text = str(value)
         where = f"config file key {name!r}"
-        entries.append((_lookup(name, where, in_file=True), str(value), where))
+        entries.append((_lookup(name, where, in_file=True), text, where))
     return entries
 
 

@@ -80,8 +80,9 @@ _TOKEN = re.compile(r"\n+|#+ |[ ]?[A-Za-z0-9'\-./:=]+|[ ]?[\u4e00-\u9fff]{1,2}|[
 
 def tokens(text: str = ANSWER) -> list[str]:
     """Split the canned answer into the tokens the demo streams; they join back exactly."""
-    out = _TOKEN.findall(text)
-    assert "".join(out) == text, "demo tokenizer must not lose characters"
+    out: list[str] = _TOKEN.findall(text)
+    if "".join(out) != text:
+        raise ValueError("the demo tokenizer lost characters")
     return out
 
 

@@ -243,10 +243,11 @@ class ConnectionPool:
 
     Idle plus busy connections (``busy()`` counts the latter, the one being put
     back included) stay within ``max_connections``: a connection put back
-    beyond that, or when ``keepalive`` is 0, is closed instead. Each idle connection closes itself after ``keepalive``
-    seconds: servers drop idle connections on their own schedule (uvicorn after
-    5 s, nginx after 75 s), NAT boxes without a word, and a request sent on a
-    silently dropped connection would wait for nothing.
+    beyond that, or when ``keepalive`` is 0, is closed instead. Each idle
+    connection closes itself after ``keepalive`` seconds: servers drop idle
+    connections on their own schedule (uvicorn after 5 s, nginx after 75 s), NAT
+    boxes without a word, and a request sent on a silently dropped connection
+    would wait for nothing.
     """
 
     def __init__(self, keepalive: float, max_connections: int, busy: Callable[[], int]) -> None:

@@ -47,7 +47,7 @@ log = logging.getLogger("relay")
 
 def self_url(host: str, port: int) -> str:
     """Where this server reaches itself: loopback when it listens on every address."""
-    if host in ("", "0.0.0.0", "::"):
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - recognising it, not binding to it
         host = "127.0.0.1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

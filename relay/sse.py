@@ -258,9 +258,10 @@ class SSEParser:
             return None
         # "3. If the data buffer's last character is a U+000A LINE FEED (LF)
         # character, then remove the last character from the data buffer."
-        # Joining the data lines with LF gives exactly that. "5. Initialize event's type attribute to "message" [...] 6. If the
-        # event type buffer has a value other than the empty string, change
-        # the type of the newly created event to equal the value".
+        # Joining the data lines with LF gives exactly that. "5. Initialize
+        # event's type attribute to "message" [...] 6. If the event type buffer
+        # has a value other than the empty string, change the type of the newly
+        # created event to equal the value".
         event = ServerSentEvent(
             self._event_type or "message",
             "\n".join(self._data),

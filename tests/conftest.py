@@ -304,7 +304,8 @@ def cyclic_stream_garbage() -> list[str]:
 
 
 def chunked(body: bytes, size: int) -> bytes:
-    """``body`` in HTTP/1.1 chunked framing, ``size`` bytes a chunk, with extensions and a trailer."""
+    """``body`` in HTTP/1.1 chunked framing, ``size`` bytes a chunk, with extensions and a
+    trailer."""
     out = b""
     for i in range(0, len(body), size):
         piece = body[i : i + size]

@@ -342,7 +342,7 @@ def test_bodies_on_routes_that_take_none_are_refused_before_they_are_read(quick)
                     sent += sock.send(piece)
     grown = quick.rss_bytes() - rss
     assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB"
-    for method, path in routes[:-1]:
+    for _, path in routes[:-1]:
         assert heads.get(path, b"").startswith(b"HTTP/1.1 400 "), (path, heads.get(path))
     head, _, body = heads[b"/aianswer/streamAsk"].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 ")

@@ -138,8 +138,8 @@ def unit_file(path: Path) -> dict[str, list[tuple[str, str]]]:
     """A systemd unit: section -> (key, value) in order (keys may repeat)."""
     sections: dict[str, list[tuple[str, str]]] = {}
     current = None
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
         if line.startswith("["):

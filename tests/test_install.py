@@ -1,4 +1,5 @@
-"""Installed the way users install it (issue 14): the built wheel, in a fresh venv, outside the checkout.
+"""Installed the way users install it (issue 14): the built wheel, in a fresh venv, outside
+the checkout.
 
 `python -m build` makes the sdist and, from it, the wheel (so the sdist is
 complete too); the wheel goes into a new venv in a temporary directory, and its

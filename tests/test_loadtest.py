@@ -1,5 +1,5 @@
-"""The load-testing tools on loopback: relay.tools.fakeupstream alone, and relay.tools.loadtest against a
-real relay in front of it (in this process, and as the CLI with worker processes)."""
+"""The load-testing tools on loopback: relay.tools.fakeupstream alone, and relay.tools.loadtest
+against a real relay in front of it (in this process, and as the CLI with worker processes)."""
 
 from __future__ import annotations
 

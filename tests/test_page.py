@@ -53,7 +53,8 @@ RENDERED = """() => {
   const body = document.querySelector('.turn .body');
   const code = body.querySelector('.code-block');
   return {
-    tags: [...body.children].map(e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '')),
+    tags: [...body.children].map(
+      e => e.tagName.toLowerCase() + (e.className ? '.' + e.className : '')),
     heading: body.querySelector('h2')?.textContent,
     items: [...body.querySelectorAll('ul > li')].map(li => li.textContent),
     cells: [...body.querySelectorAll('table tr')].map(tr => [...tr.cells].map(c => c.textContent)),

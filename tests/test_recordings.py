@@ -54,9 +54,11 @@ class Recording:
             delta = choices[0].get("delta") or {}
             if choices[0].get("finish_reason") is None and delta.get("content"):
                 if "role" in delta:
-                    text, n = ROLE_MEMBER.subn("", text)
+                    without, n = ROLE_MEMBER.subn("", text)
                     assert n == 1, text
-                out.append(text)
+                    out.append(without)
+                else:
+                    out.append(text)
         return out
 
     def finish(self) -> dict:

@@ -410,7 +410,8 @@ async def test_role_on_every_chunk_is_removed_and_every_other_byte_kept(relay, f
     texts = [
         '{"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"你"}}]}',
         '{"id": "c", "choices": [{"index": 0, "delta": {"content": " 好", "role": "assistant"}}]}',
-        '{"id":"c","choices":[{"delta":{ "content":"\\"role\\": \\"x\\"" , "role" : null },"index":0}]}',
+        '{"id":"c","choices":[{"delta":{ "content":"\\"role\\": \\"x\\"" , "role" : null },'
+        '"index":0}]}',
     ]
     fake.script = send_frames([*map(frame, texts), finish_frame(), b"data: [DONE]\n\n"])
     res = await fetch_stream(relay.url + "/aianswer/streamAsk", ASK)

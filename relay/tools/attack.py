@@ -1,6 +1,7 @@
 """An attacker for the benchmark's "under attack" scenario: slow bodies and a session flood.
 
-    python -m relay.tools.attack --url=http://127.0.0.1:8888 --slow=2000 --posts-per-s=100 --duration=30
+    python -m relay.tools.attack --url=http://127.0.0.1:8888 --slow=2000 \
+        --posts-per-s=100 --duration=30
 
 For ``--duration`` seconds it keeps ``--slow`` connections open that each send a
 ``POST /aianswer/streamAsk`` head announcing 1,000 bytes of body, then one byte

@@ -271,7 +271,8 @@ class _Stream(asyncio.Protocol):
         return True
 
     def _handle(self, body: bytes) -> None:
-        assert self._head is not None
+        if self._head is None:  # not reached: the body follows a parsed head
+            return
         method, path, _ = self._head
         if path not in ("/v1/chat/completions", "/chat/completions"):
             self._error(404, f"no route for {path}")
