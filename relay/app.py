@@ -14,7 +14,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.web import Application, RequestHandler
 
-from relay import demo, handlers, streamask
+from relay import demo, eventstream, handlers, streamask
 from relay.admission import Admission
 from relay.config import Settings
 from relay.errors import RelayError
@@ -226,7 +226,7 @@ def make_app(settings: Settings) -> RelayApplication:
         (r"/aianswer/streamAsk", streamask.StreamAskHandler),
         (r"/aianswer/sessions", handlers.SessionsHandler),
         (r"/aianswer/sessions/([0-9a-f]{32})", handlers.SessionHandler),
-        (r"/aianswer/stream/([0-9a-f]{32})", handlers.SessionStreamHandler),
+        (r"/aianswer/stream/([0-9a-f]{32})", eventstream.SessionStreamHandler),
         (r"/healthz", handlers.HealthHandler),
         (r"/readyz", handlers.ReadyHandler),
         (r"/metrics", handlers.MetricsHandler),

@@ -10,13 +10,14 @@ when an abandoned one is cancelled.
 from __future__ import annotations
 
 from relay.errors import RelayError
-from relay.handlers import EventStreamHandler, peer_closed, retry_after
+from relay.eventstream import EventStreamHandler
+from relay.handlers import AskHandler, peer_closed, retry_after
 from relay.idempotency import KEY_HEADER, SESSION_HEADER, KeyedAsk, find_or_start, parse_key
 from relay.resume import new_token
 from relay.sessions import Session
 
 
-class StreamAskHandler(EventStreamHandler):
+class StreamAskHandler(AskHandler, EventStreamHandler):
     """``POST /aianswer/streamAsk``: a one-shot session with this request as its reader.
 
     With a key, a repeat reads the kept answer after its ``Last-Event-ID`` and

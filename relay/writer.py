@@ -3,7 +3,7 @@
 An `EventWriter` sends body chunks straight to the client socket while the
 socket takes them. What the socket does not take is queued on Tornado's
 IOStream, and the writer reports itself blocked until that queue has drained;
-the stream's reader (`relay.handlers.EventStreamHandler`) reads nothing more
+the stream's reader (`relay.eventstream.EventStreamHandler`) reads nothing more
 from its session meanwhile, and reads at most `SLICE` bytes at a time. So a
 client that does not read holds at most one slice of queued bytes, whatever
 the size of the session it replays (the rest stays shared in the session), and

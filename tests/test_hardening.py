@@ -18,7 +18,7 @@ from tornado.iostream import IOStream
 
 from relay import demo
 from relay.errors import MASK, SHARED_RUN, redact
-from relay.handlers import EventStreamHandler
+from relay.eventstream import EventStreamHandler
 from relay.limits import RateLimiter
 from tests.conftest import (
     ASK,
