@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import ujson
@@ -47,6 +45,7 @@ from relay.config import Robot, Settings
 from relay.errors import RelayError, detached, redact
 from relay.http1 import ResponseHead
 from relay.httpclient import CancelHandle, StreamingHTTPClient, StreamingRequest
+from relay.keys import KeyPool
 from relay.metrics import Metrics
 from relay.sessions import Session
 from relay.sse import LineTooLong, SSEParser
@@ -54,47 +53,11 @@ from relay.sse import LineTooLong, SSEParser
 log = logging.getLogger("relay.upstream")
 
 RETRY_STATUSES = (401, 403, 429)
-KEY_COOLDOWN = 60.0
 _ERROR_BODY_LIMIT = 64 << 10
 # Seconds the finishing chunk waits for the usage chunk or [DONE] before the answer is
 # completed without them. Both come in the same read or milliseconds after it; the bound
 # is for a server that sends neither and keeps the body open.
 USAGE_WAIT = 2.0
-
-
-class KeyPool:
-    """Upstream API keys, picked ``random`` or ``round_robin``; refused keys cool down."""
-
-    def __init__(self, keys: Sequence[str], strategy: str = "random") -> None:
-        self.keys = list(keys)
-        self.strategy = strategy
-        self._next = 0
-        self._cool_until: dict[str, float] = {}
-
-    def pick(self, exclude: set[str]) -> str | None:
-        """A key not in ``exclude``, preferring keys that are not cooling down.
-
-        Returns None when there are no keys at all, or all were tried.
-        """
-        candidates = [k for k in self.keys if k not in exclude]
-        if not candidates:
-            return None
-        now = time.monotonic()
-        warm = [k for k in candidates if self._cool_until.get(k, 0.0) <= now]
-        if not warm:
-            return min(candidates, key=lambda k: self._cool_until[k])
-        if self.strategy == "round_robin":
-            key = warm[self._next % len(warm)]
-            self._next += 1
-            return key
-        return random.choice(warm)  # noqa: S311 - spreading load, not a secret
-
-    def cool(self, key: str, seconds: float = KEY_COOLDOWN) -> None:
-        self._cool_until[key] = time.monotonic() + seconds
-
-    def cooling(self) -> int:
-        now = time.monotonic()
-        return sum(1 for until in self._cool_until.values() if until > now)
 
 
 def build_payload(robot: Robot, default_model: str, ask: Ask, include_usage: bool = False) -> bytes:
