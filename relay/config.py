@@ -21,116 +21,24 @@ entry point prints it and exits with status 2.
 
 from __future__ import annotations
 
-import copy
 import os
 import textwrap
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from functools import partial
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, get_args, get_origin, get_type_hints
 
 from tornado.options import Error as OptionsError
 from tornado.options import OptionParser
 
+from relay.errors import ConfigError
 from relay.forwarded import parse_networks
 from relay.resources import default_config
+from relay.robots import DEFAULT_ROBOTS, Robot, parse_robots
+from relay.setting import ENV_PREFIX, Setting, setting
 
-ENV_PREFIX = "RELAY_"
 # tornado.options reads any word but false/0/f as true: "no" would turn a flag on.
 _BOOL_WORDS = frozenset({"true", "false", "1", "0", "t", "f"})
-
-T = TypeVar("T")
-Bound = Literal["positive", "not negative"] | None
-
-
-class ConfigError(Exception):
-    """A configuration problem, with a message fit for one line on stderr."""
-
-
-@dataclass(frozen=True, slots=True)
-class Robot:
-    """One chat persona from the ``[[robots]]`` table of the config file."""
-
-    robot_id: str
-    name: str
-    model: str | None = None
-    system_prompt: str = ""
-    temperature: float | None = None
-    top_p: float | None = None
-    include_usage: bool | None = None  # None: --include-usage decides
-
-
-DEFAULT_ROBOTS = (Robot("1", "Assistant", system_prompt="You are a helpful assistant."),)
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One flag as everything derived from its declaration sees it."""
-
-    name: str
-    type: type  # what tornado.options parses: str, int, float or bool
-    multiple: bool  # a comma-separated list
-    default: Any
-    help: str
-    bound: Bound = None
-    parse: Callable[[Any], Any] | None = None
-    choices: tuple[str, ...] = ()
-    shown: str | None = None
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.name.upper()
-
-    @property
-    def default_text(self) -> str:
-        if self.shown is not None:
-            return self.shown
-        if self.default in (None, (), {}):
-            return "(none)"
-        if isinstance(self.default, bool):
-            return str(self.default).lower()
-        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
-
-    def value(self, parsed: Any) -> Any:
-        """Tornado's parsed value as the `Settings` field holds it."""
-        if self.multiple:
-            parsed = [item.strip() for item in parsed if item.strip()]
-        if self.parse is not None:
-            return self.parse(parsed)
-        return tuple(parsed) if self.multiple else parsed
-
-
-def setting(
-    default: T,
-    help: str,
-    *,
-    bound: Bound = None,
-    parse: Callable[[Any], T] | None = None,
-    choices: tuple[str, ...] = (),
-    shown: str | None = None,
-) -> T:
-    """A `Settings` field that is also a flag, an environment variable and a file key.
-
-    ``help`` is its one meaning (markdown), as both the docs tables and
-    ``--help`` show it. ``parse`` turns tornado's value (for a list, its
-    stripped non-empty items) into the field's, raising ValueError with the
-    reason; ``shown`` is the default as the docs show it, where the value alone
-    says too little.
-    """
-    # The rest of the Setting (name, type, default) comes from the field: see _declared.
-    meta = {
-        "setting": partial(
-            Setting, help=help, bound=bound, parse=parse, choices=choices, shown=shown
-        )
-    }
-    if isinstance(default, dict):  # dataclasses want a fresh mutable default per instance
-        return field(default_factory=lambda: copy.copy(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _base_url(url: str | None) -> str | None:
@@ -449,37 +357,6 @@ def _file_entries(values: Mapping[str, Any]) -> list[tuple[Setting, str, str]]:
     return entries
 
 
-def _robots(raw: Any, path: str) -> tuple[Robot, ...]:
-    if raw is None:
-        return DEFAULT_ROBOTS
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{path}: robots must be a non-empty array of tables")
-    robots = []
-    for entry in raw:
-        try:
-            robot = Robot(
-                robot_id=str(entry["robotId"]),
-                name=str(entry["robotName"]),
-                model=entry.get("model"),
-                system_prompt=str(entry.get("systemPrompt", "")),
-                temperature=_opt_float(entry.get("temperature")),
-                top_p=_opt_float(entry.get("topP")),
-                include_usage=entry.get("includeUsage"),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"{path}: each robot needs robotId and robotName") from None
-        if robot.include_usage is not None and not isinstance(robot.include_usage, bool):
-            raise ConfigError(f"{path}: a robot's includeUsage must be true or false")
-        robots.append(robot)
-    if len({r.robot_id for r in robots}) != len(robots):
-        raise ConfigError(f"{path}: robotId values must be unique")
-    return tuple(robots)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 def _validate(settings: Settings) -> None:
     for s in SETTINGS:
         value = getattr(settings, s.name)
@@ -523,6 +400,6 @@ def load_settings(argv: Sequence[str] = (), environ: Mapping[str, str] | None = 
             values[s.name] = s.value(parsed[s.name])
         except ValueError as e:
             raise ConfigError(f"{s.flag}: {e}") from None
-    settings = Settings(robots=_robots(data.get("robots"), file), **values)
+    settings = Settings(robots=parse_robots(data.get("robots"), file), **values)
     _validate(settings)
     return settings

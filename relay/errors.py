@@ -89,3 +89,7 @@ def detached(error: E) -> E:
     error.__context__ = None
     error.__cause__ = None
     return error
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit for one line on stderr."""

@@ -20,10 +20,10 @@ from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_req
 
 from relay.admission import Refused
 from relay.ask import MAX_BODY, parse_ask
-from relay.config import Robot
 from relay.errors import RelayError
 from relay.idempotency import KEY_HEADER, SESSION_HEADER
 from relay.resources import STATIC_DIR
+from relay.robots import Robot
 from relay.sessions import Session
 from relay.upstream import build_payload
 

@@ -39,8 +39,9 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from relay.app import make_app
-from relay.config import ConfigError, Settings, help_text, load_settings
+from relay.config import Settings, help_text, load_settings
 from relay.connections import make_http_server
+from relay.errors import ConfigError
 
 log = logging.getLogger("relay")
 

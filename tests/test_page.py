@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from relay import demo
-from relay.config import Robot
+from relay.robots import Robot
 from relay.sse import SSEParser
 from tests.chatpage import (
     MODES,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from relay.config import Robot
+from relay.robots import Robot
 from relay.sessions import DONE
 from relay.upstream import USAGE_WAIT
 from tests.conftest import (
