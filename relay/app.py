@@ -203,9 +203,10 @@ class RelayApplication(Application):
 
 
 def make_store(settings: Settings) -> MemoryStore | RedisStore:
-    """The session store ``--store`` names: in memory (default) or Redis."""
+    """The session store ``--store`` names: in memory (default) or Redis (one, behind
+    Sentinel, or a cluster)."""
     kept = settings.max_kept_mib << 20
-    if settings.store.startswith("redis://"):
+    if settings.store != "memory":
         from relay.redis_store import RedisStore  # redis is only imported when used
 
         return RedisStore(settings.store, settings.session_ttl, max_kept_bytes=kept)

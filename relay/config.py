@@ -24,6 +24,8 @@ from tornado.options import OptionParser
 
 from relay.forwarded import parse_networks
 from relay.resources import default_config
+from relay.storeurl import USAGE as STORE_USAGE
+from relay.storeurl import parse_store_url
 
 ENV_PREFIX = "RELAY_"
 # tornado.options reads any word but false/0/f as true: "no" would turn a flag on.
@@ -231,7 +233,7 @@ def _define(parser: OptionParser) -> None:
         multiple=True,
         help="CIDRs of proxies whose X-Forwarded-For / X-Real-IP name the client (default: none)",
     )
-    d("store", default="memory", type=str, help="memory or redis://host:port/db")
+    d("store", default="memory", type=str, help=STORE_USAGE)
     d(
         "workers",
         default=1,
@@ -383,8 +385,10 @@ def _validate(s: Settings) -> None:
     ):
         if getattr(s, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-    if s.store != "memory" and not s.store.startswith("redis://"):
-        raise ConfigError("--store must be memory or redis://host:port/db")
+    try:
+        parse_store_url(s.store)
+    except ValueError as e:
+        raise ConfigError(f"--store: {e}") from None
     if s.workers != 1 and s.store == "memory":
         raise ConfigError("--workers other than 1 needs --store=redis://host:port/db")
 

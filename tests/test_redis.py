@@ -181,10 +181,10 @@ async def test_session_expires_through_redis(relays, fake, redis_server):
     created = await create_session(a)
     assert (await fetch_stream(b.url + created["streamUrl"])).text() == "a"
     r = redis_server.client()
-    key = f"relay:session:{created['uid']}"
-    assert r.exists(key, key + ":events") == 2
+    keys = [f"relay:{{{created['uid']}}}:meta", f"relay:{{{created['uid']}}}:events"]
+    assert r.exists(*keys) == 2
     await asyncio.sleep(2.5)
-    assert r.exists(key, key + ":events") == 0  # Redis expired them
+    assert r.exists(*keys) == 0  # Redis expired them
     assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
     assert (await fetch_stream(a.url + created["streamUrl"])).status == 404
 
