@@ -251,7 +251,7 @@ class RedisStore:
 
     async def reachable(self) -> bool:
         """Whether Redis answers a PING within `PING_TIMEOUT` (``GET /readyz``); in a
-        cluster, every master must.
+        cluster, every master must, and the cluster must serve every slot.
 
         Concurrent callers share one PING, and its answer stands for `PING_TTL` seconds.
         """
@@ -263,7 +263,7 @@ class RedisStore:
 
     async def _ping_once(self) -> bool:
         try:
-            reached = bool(await asyncio.wait_for(self.redis.ping(), PING_TIMEOUT))
+            reached = bool(await asyncio.wait_for(self._probe(), PING_TIMEOUT))
         except (TimeoutError, RedisError, OSError):
             reached = False
         self._pinged_at = time.monotonic()
@@ -274,6 +274,15 @@ class RedisStore:
             else:
                 log.warning("the session store does not answer a PING: not ready")
         return reached
+
+    async def _probe(self) -> bool:
+        if not await self.redis.ping():
+            return False
+        if not self.cluster:
+            return True
+        # The client's map leaves out slots whose master failed, so every master it knows
+        # may answer while part of the cluster is down: ask a node what it sees.
+        return (await self.redis.cluster_info()).get("cluster_state") == "ok"
 
     def prune(self) -> int:
         """Redis expires its keys itself; this only drops expired local sessions."""

@@ -476,3 +476,46 @@ async def test_keyed_bookkeeping_with_redis_unreachable_fails_safe(caplog):
         await store.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("takeover" in w for w in warnings) and any("abandoned" in w for w in warnings)
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_the_writer_rewrites_what_a_promoted_replica_missed(relays, fake, redis_server):
+    """After a failover the new master may lack the last entries the old one acknowledged
+    (replication is asynchronous): the writer's next append finds the stream ending
+    earlier than it left it, and rewrites the rest from memory; readers see no gap."""
+    a, b = await relays(), await relays()
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 10, gate)
+    created = await create_session(a)
+    uid = created["uid"]
+    r = redis_server.client()
+    events, meta = f"relay:{{{uid}}}:events", f"relay:{{{uid}}}:meta"
+    await eventually(lambda: r.xlen(events) == 10, 5)
+    ahead = asyncio.ensure_future(  # a reader that read event 10 from the old master
+        fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "10"})
+    )
+    await asyncio.sleep(0.3)
+    # The new master: the stream without what the old one had not passed on yet.
+    kept = r.xrange(events, "-", "7-0")
+    r.delete(events)
+    for entry_id, fields in kept:
+        r.xadd(events, fields, id=entry_id)
+    r.hset(meta, "last_seq", 7)
+    late = asyncio.ensure_future(
+        fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "7"})
+    )
+    await asyncio.sleep(0.5)
+    gate.set()
+    res = await late
+    assert [int(e.id) for e in res.events] == list(range(8, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[7:])
+    res = await ahead
+    assert [int(e.id) for e in res.events] == list(range(11, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[10:])
+    entries = r.xrange(events)
+    assert [e[0] for e in entries][-3:] == [
+        f"{len(TOKENS) + 1}-0".encode(),
+        f"{len(TOKENS) + 2}-0".encode(),
+        f"{len(TOKENS) + 2}-1".encode(),
+    ]
+    assert len(entries) == len(TOKENS) + 3  # every event once, and the end
