@@ -69,7 +69,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from relay.errors import RelayError
 from relay.idempotency import Entry, KeyedAsk, RedisIndex, redis_key
@@ -108,6 +108,10 @@ _DELETED_LINGER = 5
 _MAX_CONNECTIONS = 1 << 20
 
 T = TypeVar("T")
+
+# What a store operation may fail with: the clients' errors (a cluster's "no node
+# reachable" and "slot not covered" are not RedisErrors), a socket's, the deadline.
+STORE_ERRORS = (TimeoutError, RedisError, RedisClusterException, OSError)
 
 
 def meta_key(uid: str) -> str:
@@ -184,6 +188,7 @@ def connect(url: StoreURL) -> tuple[Any, Any]:
                 "socket_timeout": PING_TIMEOUT,
                 "socket_connect_timeout": PING_TIMEOUT,
                 "password": url.sentinel_password,
+                "retry": Retry(NoBackoff(), 0),
             },
         )
         return sentinel.master_for(url.service, db=url.db, **auth, **common), sentinel
@@ -264,7 +269,7 @@ class RedisStore:
     async def _ping_once(self) -> bool:
         try:
             reached = bool(await asyncio.wait_for(self._probe(), PING_TIMEOUT))
-        except (TimeoutError, RedisError, OSError):
+        except STORE_ERRORS:
             reached = False
         self._pinged_at = time.monotonic()
         if reached != self._reached:
@@ -405,7 +410,7 @@ class RedisStore:
         """Run a Redis operation with a deadline; any failure is 503 store_unavailable."""
         try:
             return await asyncio.wait_for(aw, STORE_TIMEOUT)
-        except (TimeoutError, RedisError, OSError):
+        except STORE_ERRORS:
             raise unavailable() from None
 
     async def _lookup(self, uid: str) -> tuple[dict[bytes, bytes], int | None]:
@@ -469,12 +474,12 @@ class Bus:
                     message = await self._next(pubsub)
                     if message is not None:
                         await self.store.heard(*message)
-            except (RedisError, OSError):
+            except STORE_ERRORS:
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
                 await self._recover()
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*STORE_ERRORS):
                     await pubsub.aclose()
 
     async def post(self, proc: str | None, kind: str, uid: str, arg: str = "") -> None:
@@ -571,8 +576,9 @@ class InboxBus(Bus):
         message = await pubsub.get_sharded_message(timeout=1)
         if message is None:
             return None
-        if message["type"] == "sunsubscribe" and not pubsub.shard_channels:
-            # The slot moved to another node (resharding), which told us so.
+        if message["type"] == "sunsubscribe":
+            # This process never unsubscribes: the slot moved to another node (resharding,
+            # a failover), and the node that lost it says so.
             raise _Unsubscribed
         if message["type"] != "smessage":
             return None
@@ -582,7 +588,7 @@ class InboxBus(Bus):
     async def _recover(self) -> None:
         # The channel's node failed: ask the cluster which node serves the slot now (the
         # client refreshes its map by itself only when a command fails).
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             await asyncio.wait_for(self.redis.nodes_manager.initialize(), STORE_TIMEOUT)
 
 
@@ -640,7 +646,7 @@ class RedisWriter:
                 try:
                     await asyncio.wait_for(self._flush(), STORE_TIMEOUT)
                     attempt = 0
-                except (TimeoutError, RedisError, OSError):
+                except STORE_ERRORS:
                     await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                     attempt += 1
             if self.end_written:
@@ -758,7 +764,7 @@ class MirrorSession(Session):
             try:
                 reply = await redis.xread({key: f"{cursor}-0"}, count=1000, block=BLOCK_MS)
                 attempt = 0
-            except (RedisError, OSError):
+            except STORE_ERRORS:
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
                 continue
@@ -789,7 +795,7 @@ class MirrorSession(Session):
     async def _still_there(self) -> bool:
         try:
             meta = await self.store.redis.hgetall(meta_key(self.uid))
-        except (RedisError, OSError):
+        except STORE_ERRORS:
             return True  # unknown: keep following and retrying
         return bool(meta) and not meta.get(b"deleted")
 

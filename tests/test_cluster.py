@@ -14,6 +14,7 @@ import time
 import pytest
 from tornado.iostream import IOStream
 
+from relay import redis_store
 from tests.conftest import ASK, create_session, eventually, fetch_stream
 from tests.fakeupstream import answer_frames, hang, start_stream, stream_tokens
 from tests.redisprocs import Cluster
@@ -349,3 +350,60 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
             ).text() == "y"
     finally:
         cluster.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_cluster_limits_hold_across_relays(relays, fake):
+    flags = ("--rate-limit=10", "--auth-tokens=t1:alice,t2:bob", "--max-answers-per-user=2")
+    a, b = await relays(*flags), await relays(*flags)
+    fake.script = stream_tokens(["x"])
+    bob = {"Authorization": "Bearer t2"}
+    results = [
+        await fetch_stream((a, b)[i % 2].url + "/aianswer/streamAsk", ASK, headers=bob)
+        for i in range(20)
+    ]
+    assert sorted(r.status for r in results) == [200] * 10 + [429] * 10
+    fake.script = hang(60)
+    alice = {"Authorization": "Bearer t1"}
+    await create_session(a, alice)
+    await create_session(b, alice)
+    res = await fetch_stream(a.url + "/aianswer/sessions", ASK, headers=alice)
+    assert res.status == 429 and res.json()["error"]["code"] == "too_many_answers"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_cluster_a_relays_inbox_follows_its_slot_to_another_master(relays, fake, cluster):
+    a, b = await relays(), await relays()
+    fake.script = hang(60)
+    created = await create_session(a)
+    meta = keys(created["uid"])[0]
+    channel = redis_store.inbox(cluster.master_of(meta).client().hget(meta, "proc").decode())
+    source = cluster.master_of(channel)
+    target = next(n for n in cluster.masters() if n is not source)
+    slot = source.client().execute_command("CLUSTER KEYSLOT", channel)
+    target_id = target.client().execute_command("CLUSTER MYID").decode()
+    # Resharding moves the (keyless) slot: the old owner unsubscribes A, which subscribes
+    # again where the slot is now.
+    for node in [target, source, *(n for n in cluster.masters() if n not in (source, target))]:
+        node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    await eventually(lambda: target.client().pubsub_shardnumsub(channel)[0][1] == 1, 10)
+    res = await fetch_stream(f"{b.url}/aianswer/sessions/{created['uid']}", method="DELETE")
+    assert res.status == 204
+    await asyncio.wait_for(fake.disconnected.wait(), 5)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_cluster_a_message_nobody_hears_is_sent_again_then_dropped(
+    cluster, monkeypatch, caplog
+):
+    monkeypatch.setattr(redis_store, "MESSAGE_RETRY", 0.6)
+    store = redis_store.RedisStore(cluster.url, 300)
+    try:
+        before = cluster.commandstats()
+        await store.bus.post("0123456789abcdef", "cancel", "a" * 32)  # its process is gone
+        await eventually(lambda: any("unheard" in r.getMessage() for r in caplog.records), 5)
+        sent = delta(before, cluster.commandstats())
+        published = [s.get("cmdstat_spublish", 0) for s in sent.values()]
+        assert sum(published) >= 3 and sorted(published)[-2] == 0  # again, to one node only
+    finally:
+        await store.close()

@@ -519,3 +519,29 @@ async def test_the_writer_rewrites_what_a_promoted_replica_missed(relays, fake, 
         f"{len(TOKENS) + 2}-1".encode(),
     ]
     assert len(entries) == len(TOKENS) + 3  # every event once, and the end
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize(
+    ("limits", "kept"),
+    [
+        (SessionLimits(max_events=5), list(range(8, 13))),  # by count
+        (SessionLimits(max_bytes=2_500), [11, 12]),  # by bytes: two 1 KB events fit
+    ],
+)
+async def test_redis_keeps_no_more_of_a_session_than_memory_does(redis_server, limits, kept):
+    store = RedisStore(redis_server.url, 300, limits)
+    store.start()
+    r = redis_server.client()
+    try:
+        session = await store.create("anonymous", "1", replayable=True)
+        events = f"relay:{{{session.uid}}}:events"
+        for i in range(12):
+            session.append("x" * 1000 + str(i))
+            await asyncio.sleep(0.01)  # one append script each
+        session.finish()
+        await eventually(lambda: r.exists(events) and r.xrevrange(events, count=1)[0][0] == b"12-1")
+        assert [e[0] for e in r.xrange(events)] == [f"{n}-0".encode() for n in kept] + [b"12-1"]
+        assert session.first_seq == kept[0]  # what memory keeps, no more
+    finally:
+        await store.close()
