@@ -104,7 +104,8 @@ _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 # Kept a few seconds after DELETE so followers on other processes read the end.
 _DELETED_LINGER = 5
 # The connections one process may open to one node: every follower holds one while it
-# waits in XREAD BLOCK (redis-py's cluster client allows 100 by default).
+# waits in XREAD BLOCK, and every concurrent call one more (redis-py allows 100 by default,
+# then fails at once with MaxConnectionsError).
 _MAX_CONNECTIONS = 1 << 20
 
 T = TypeVar("T")
@@ -175,6 +176,7 @@ def connect(url: StoreURL) -> tuple[Any, Any]:
         "socket_timeout": STORE_TIMEOUT,
         "socket_connect_timeout": STORE_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),
+        "max_connections": _MAX_CONNECTIONS,
     }
     if url.kind == "redis":
         return aioredis.from_url(url.url, **common), None
@@ -196,7 +198,6 @@ def connect(url: StoreURL) -> tuple[Any, Any]:
 
     client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in url.nodes],
-        max_connections=_MAX_CONNECTIONS,
         **auth,
         **common,
     )

@@ -545,3 +545,27 @@ async def test_redis_keeps_no_more_of_a_session_than_memory_does(redis_server, l
         assert session.first_seq == kept[0]  # what memory keeps, no more
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_more_readers_on_another_process_than_a_default_pool_holds(
+    make_relay, fake, redis_server
+):
+    """Each reader following through Redis holds a connection in XREAD BLOCK: 120 of them,
+    and new sessions and lookups beside them (redis-py's pool stops at 100 by default)."""
+    a = make_relay(upstream=fake.url, store=redis_server.url)
+    b = make_relay(upstream=fake.url, store=redis_server.url)
+    gate = asyncio.Event()
+    fake.script = gated(["x", "y"], 1, gate)
+    sessions = [await create_session(a) for _ in range(120)]
+    readers = [
+        asyncio.ensure_future(fetch_stream(b.url + s["streamUrl"], timeout=40)) for s in sessions
+    ]
+    # More followers wait in XREAD BLOCK at once than a default pool has connections.
+    await eventually(lambda: redis_server.client().info("clients")["blocked_clients"] > 100, 10)
+    fake.script = stream_tokens(["z"])
+    created = await create_session(b)
+    assert (await fetch_stream(b.url + created["streamUrl"])).text() == "z"
+    gate.set()
+    results = await asyncio.gather(*readers)
+    assert [r.text() for r in results] == ["xy"] * 120
