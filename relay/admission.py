@@ -73,11 +73,6 @@ class Admission:
         self.shared = shared
         self.rate_shared = shared is not None and settings.rate_limit > 0
 
-    @property
-    def capped(self) -> bool:
-        """Whether new answers count against a per-client cap."""
-        return bool(self.per_user or self.per_address)
-
     async def answer(self, user: str, address: str) -> Quota | None:
         """Admit a new answer for ``user`` at ``address``; return the quota its session
         counts under (None: uncapped), which `bind` or `release` takes. Raises `Refused`."""

@@ -227,9 +227,11 @@ def shared_limits(settings: Settings, store: MemoryStore | RedisStore) -> Shared
     (relay/shared_limits.py)."""
     if isinstance(store, MemoryStore):
         return None
-    caps = settings.max_answers_per_user if settings.auth_tokens else 0
-    caps = caps or (0 if settings.auth_tokens else settings.max_answers_per_address)
-    if not (settings.rate_limit or caps):
+    # The caps Admission applies: per user with --auth-tokens, else per address.
+    cap = (
+        settings.max_answers_per_user if settings.auth_tokens else settings.max_answers_per_address
+    )
+    if not (settings.rate_limit or cap):
         return None
     from relay.shared_limits import SharedLimits
 
