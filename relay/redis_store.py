@@ -97,6 +97,8 @@ STORE_TIMEOUT = 3.0  # seconds before a store operation answers 503
 PING_TIMEOUT = 1.0
 PING_TTL = 1.0
 BLOCK_MS = 1000
+# A cluster's slot map is asked for again after a failure, at most this often (seconds).
+_REFRESH_EVERY = 0.5
 # How long a message to another process is sent again while nobody hears it (its
 # process's listener may be between two nodes of a failover).
 MESSAGE_RETRY = 10.0
@@ -231,6 +233,8 @@ class RedisStore:
         # This process, as other processes address it (pids repeat across hosts).
         self.proc = secrets.token_hex(8)
         self.bus: Bus = InboxBus(self) if self.cluster else BroadcastBus(self)
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0  # when the cluster's slot map was last asked for (monotonic)
         self._ping: asyncio.Task[bool] | None = None
         self._pinged_at = 0.0  # when the last PING's answer came (monotonic)
         self._reached = True  # what the last PING found, to log each change once
@@ -412,7 +416,24 @@ class RedisStore:
         try:
             return await asyncio.wait_for(aw, STORE_TIMEOUT)
         except STORE_ERRORS:
+            self.troubled()
             raise unavailable() from None
+
+    def troubled(self) -> None:
+        """A call failed. In a cluster, ask for the slot map again, in the background, at
+        most once in `_REFRESH_EVERY` seconds: redis-py's cluster pipelines do not when
+        they fail (without retries), so a process that only sends pipelines would keep
+        sending them to a dead master after its replica took over."""
+        if not self.cluster or (self._refresh is not None and not self._refresh.done()):
+            return
+        if time.monotonic() - self._refreshed_at < _REFRESH_EVERY:
+            return
+        self._refreshed_at = time.monotonic()
+        self._refresh = self._spawn(self._refresh_map())
+
+    async def _refresh_map(self) -> None:
+        with contextlib.suppress(*STORE_ERRORS):
+            await asyncio.wait_for(self.redis.nodes_manager.initialize(), STORE_TIMEOUT)
 
     async def _lookup(self, uid: str) -> tuple[dict[bytes, bytes], int | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -476,9 +497,9 @@ class Bus:
                     if message is not None:
                         await self.store.heard(*message)
             except STORE_ERRORS:
+                self.store.troubled()
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
-                await self._recover()
             finally:
                 with contextlib.suppress(*STORE_ERRORS):
                     await pubsub.aclose()
@@ -519,9 +540,6 @@ class Bus:
 
     async def _next(self, pubsub: Any) -> tuple[str, str, str] | None:
         raise NotImplementedError
-
-    async def _recover(self) -> None:
-        """After a failure of the listener's connection."""
 
 
 class BroadcastBus(Bus):
@@ -586,12 +604,6 @@ class InboxBus(Bus):
         kind, uid, arg = message["data"].decode().split(" ", 2)
         return kind, uid, arg
 
-    async def _recover(self) -> None:
-        # The channel's node failed: ask the cluster which node serves the slot now (the
-        # client refreshes its map by itself only when a command fails).
-        with contextlib.suppress(*STORE_ERRORS):
-            await asyncio.wait_for(self.redis.nodes_manager.initialize(), STORE_TIMEOUT)
-
 
 class _Unsubscribed(RedisError):
     """The listener's subscription is gone; it subscribes again."""
@@ -648,6 +660,7 @@ class RedisWriter:
                     await asyncio.wait_for(self._flush(), STORE_TIMEOUT)
                     attempt = 0
                 except STORE_ERRORS:
+                    self.store.troubled()
                     await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                     attempt += 1
             if self.end_written:
@@ -766,6 +779,7 @@ class MirrorSession(Session):
                 reply = await redis.xread({key: f"{cursor}-0"}, count=1000, block=BLOCK_MS)
                 attempt = 0
             except STORE_ERRORS:
+                self.store.troubled()
                 await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
                 attempt += 1
                 continue

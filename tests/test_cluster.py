@@ -334,18 +334,25 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
         assert cluster.master_of(keys(created["uid"])[0]) is not master  # its replica
         master.start()  # back, as the replica of its replica
         cluster.wait_synced()
-        # The master of A's inbox fails: A's listener finds the new one by itself, and a
-        # DELETE on B (sent again until someone hears it) still cancels the call on A.
+        # The master of A's inbox fails, with a session on it: A's listener finds the new
+        # master by itself; B, which only sent that session pipelines (no follower of its
+        # own to notice), learns the new slot map too; and its DELETE (sent again until
+        # someone hears it) cancels the call on A.
         fake.script = hang(60)
         fake.disconnected.clear()
-        created = await create_session(a)
-        meta = keys(created["uid"])[0]
+        meta = keys((await create_session(a))["uid"])[0]
         proc = cluster.master_of(meta).client().hget(meta, "proc").decode()
-        cluster.master_of(f"relay:inbox:{{{proc}}}").kill()
+        inbox_master = cluster.master_of(redis_store.inbox(proc))
+        for _ in range(40):
+            created = await create_session(a)
+            if cluster.master_of(keys(created["uid"])[0]) is inbox_master:
+                break
+        assert cluster.master_of(keys(created["uid"])[0]) is inbox_master
+        inbox_master.kill()
         url = f"{b.url}/aianswer/sessions/{created['uid']}"
         began = time.monotonic()
         while (res := await fetch_stream(url, method="DELETE")).status == 503:
-            assert time.monotonic() - began < 15  # the session's slot may be on that master
+            assert time.monotonic() - began < 15, "B never found the new master"
             await asyncio.sleep(0.2)
         assert res.status == 204
         await asyncio.wait_for(fake.disconnected.wait(), 15)
