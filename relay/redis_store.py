@@ -434,6 +434,22 @@ class RedisStore:
     async def _refresh_map(self) -> None:
         with contextlib.suppress(*STORE_ERRORS):
             await asyncio.wait_for(self.redis.nodes_manager.initialize(), STORE_TIMEOUT)
+            # The client asks one node (the default one, fixed when it starts) where the
+            # keys of some commands are; that node may be the one that died.
+            parser = self.redis.commands_parser
+            await asyncio.wait_for(parser.initialize(self.redis.get_default_node()), STORE_TIMEOUT)
+
+    def read_stream(self, key: str, cursor: int) -> Awaitable[Any]:
+        """``XREAD BLOCK`` on one stream, after event ``cursor``. In a cluster it goes to the
+        node of the key's slot straight away: the client would first ask a node to find the
+        key in an XREAD (a round trip per read, to a node that may be gone)."""
+        if not self.cluster:
+            return self.redis.xread({key: f"{cursor}-0"}, count=1000, block=BLOCK_MS)
+        return self.redis.execute_command(
+            "XREAD",
+            *("COUNT", 1000, "BLOCK", BLOCK_MS, "STREAMS", key, f"{cursor}-0"),
+            target_nodes=self.redis.get_node_from_key(key),
+        )
 
     async def _lookup(self, uid: str) -> tuple[dict[bytes, bytes], int | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -771,12 +787,11 @@ class MirrorSession(Session):
         self.fail(error or RelayError(499, "cancelled", "the answer was cancelled"))
 
     async def _follow(self, cursor: int) -> None:
-        redis = self.store.redis
         key = events_key(self.uid)
         attempt = idle = 0
         while self.running:
             try:
-                reply = await redis.xread({key: f"{cursor}-0"}, count=1000, block=BLOCK_MS)
+                reply = await self.store.read_stream(key, cursor)
                 attempt = 0
             except STORE_ERRORS:
                 self.store.troubled()

@@ -348,6 +348,9 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
             if cluster.master_of(keys(created["uid"])[0]) is inbox_master:
                 break
         assert cluster.master_of(keys(created["uid"])[0]) is inbox_master
+        # Its replica has the session (replication is asynchronous: a session created a
+        # moment before the kill may not be there, and is then 404, as for everyone).
+        assert inbox_master.client().execute_command("WAIT", 1, 5000) == 1
         inbox_master.kill()
         url = f"{b.url}/aianswer/sessions/{created['uid']}"
         began = time.monotonic()
