@@ -504,21 +504,23 @@ class Bus:
         failures, until the store closes."""
         attempt = 0
         while not self.store._closed:
-            pubsub = self.redis.pubsub()
+            pubsub = None
             try:
-                await self._subscribe(pubsub)
+                pubsub = await self._open()
                 attempt = 0
                 while True:
                     message = await self._next(pubsub)
                     if message is not None:
                         await self.store.heard(*message)
             except STORE_ERRORS:
-                self.store.troubled()
-                await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
-                attempt += 1
+                pass
             finally:
-                with contextlib.suppress(*STORE_ERRORS):
-                    await pubsub.aclose()
+                # At once: a subscription nobody reads would take messages and lose them.
+                if pubsub is not None:
+                    await self._close(pubsub)
+            self.store.troubled()
+            await asyncio.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
+            attempt += 1
 
     async def post(self, proc: str | None, kind: str, uid: str, arg: str = "") -> None:
         """Send a message to ``proc`` (None: unknown); if it fails or nobody hears it,
@@ -551,8 +553,13 @@ class Bus:
         """Send once; whether a process heard it."""
         raise NotImplementedError
 
-    async def _subscribe(self, pubsub: Any) -> None:
+    async def _open(self) -> Any:
+        """A subscription to this process's messages."""
         raise NotImplementedError
+
+    async def _close(self, pubsub: Any) -> None:
+        with contextlib.suppress(*STORE_ERRORS):
+            await pubsub.aclose()
 
     async def _next(self, pubsub: Any) -> tuple[str, str, str] | None:
         raise NotImplementedError
@@ -573,8 +580,14 @@ class BroadcastBus(Bus):
         # Every process listens, this one too: none means the message reached nobody.
         return bool(await self.redis.publish(channel, data))
 
-    async def _subscribe(self, pubsub: Any) -> None:
-        await pubsub.subscribe(CANCEL_CHANNEL, TAKEOVER_CHANNEL)
+    async def _open(self) -> Any:
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(CANCEL_CHANNEL, TAKEOVER_CHANNEL)
+        except BaseException:
+            await self._close(pubsub)
+            raise
+        return pubsub
 
     async def _next(self, pubsub: Any) -> tuple[str, str, str] | None:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
@@ -588,11 +601,21 @@ class BroadcastBus(Bus):
 
 class InboxBus(Bus):
     """A cluster: each process reads its own sharded channel, ``relay:inbox:{<proc>}``,
-    so a message goes to one node (and its replicas) and one process, not to all."""
+    so a message goes to one node (and its replicas) and one process, not to all.
+
+    The subscription is a plain connection to the node that serves the channel's slot,
+    this class its only owner: when the slot moves (a failover, resharding), the node
+    says so or the connection fails, or the client's slot map names another node, and the
+    listener subscribes again where the slot is. (redis-py's cluster pub/sub moves
+    subscriptions by itself as well, and a message its moved subscription took while the
+    listener was starting again would be lost.)
+    """
 
     def __init__(self, store: RedisStore) -> None:
         super().__init__(store)
         self.channel = inbox(store.proc)
+        self._node = ""  # the node of the subscription ("host:port")
+        self._client: Any = None
 
     def _needed(self, proc: str | None) -> bool:
         return proc is not None and proc != self.store.proc
@@ -601,15 +624,42 @@ class InboxBus(Bus):
         assert proc is not None
         return bool(await self.redis.spublish(inbox(proc), f"{kind} {uid} {arg}"))
 
-    async def _subscribe(self, pubsub: Any) -> None:
+    async def _open(self) -> Any:
         await self.redis.initialize()  # the slot map, to find the channel's node
-        await pubsub.ssubscribe(self.channel)
+        node = self.redis.get_node_from_key(self.channel)
+        url = self.store.url
+        self._client = aioredis.Redis(
+            host=node.host,
+            port=node.port,
+            username=url.username,
+            password=url.password,
+            socket_timeout=STORE_TIMEOUT,
+            socket_connect_timeout=STORE_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._node = node.name
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.ssubscribe(self.channel)
+        except BaseException:
+            await self._close(pubsub)
+            raise
+        return pubsub
+
+    async def _close(self, pubsub: Any) -> None:
+        await super()._close(pubsub)
+        if self._client is not None:
+            with contextlib.suppress(*STORE_ERRORS):
+                await self._client.aclose()
+            self._client = None
 
     async def _next(self, pubsub: Any) -> tuple[str, str, str] | None:
-        if not pubsub.node_pubsub_mapping:
-            raise _Unsubscribed  # get_sharded_message would not wait: start again
-        message = await pubsub.get_sharded_message(timeout=1)
+        message = await pubsub.get_message(timeout=1)
         if message is None:
+            # Nothing buffered: if the client has learnt that another node serves the
+            # slot (a frozen node says nothing), go there.
+            if self.redis.get_node_from_key(self.channel).name != self._node:
+                raise _Unsubscribed
             return None
         if message["type"] == "sunsubscribe":
             # This process never unsubscribes: the slot moved to another node (resharding,
