@@ -17,16 +17,33 @@ answers:
 3. ``--rate-limit`` (new answers only): 429 ``rate_limited``. Last, so that a
    request refused for another reason spends none of the client's budget.
 
-Counts are per process (the Redis store shares sessions, not these counts).
+``--max-streams`` counts per process (it is the process's capacity). With a
+Redis store the other two count in Redis across processes (`SharedLimits`,
+relay/shared_limits.py), and in the process while Redis does not answer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from relay.config import Settings
 from relay.errors import RelayError
 from relay.limits import RateLimiter
 from relay.metrics import Metrics
 from relay.sessions import Ledger, Session
+
+if TYPE_CHECKING:
+    from relay.shared_limits import SharedLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """What a new answer counts under: its client's key, and its lease in Redis's count
+    ("" when the limits count in the process only)."""
+
+    key: str
+    lease: str = ""
 
 
 class Refused(RelayError):
@@ -39,7 +56,12 @@ class Refused(RelayError):
 
 class Admission:
     def __init__(
-        self, settings: Settings, ledger: Ledger, rate: RateLimiter, metrics: Metrics
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        rate: RateLimiter,
+        metrics: Metrics,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.max_slots = settings.max_streams
         self.per_user = settings.max_answers_per_user if settings.auth_tokens else 0
@@ -48,22 +70,49 @@ class Admission:
         self.ledger = ledger
         self.rate = rate
         self.metrics = metrics
+        self.shared = shared
+        self.rate_shared = shared is not None and settings.rate_limit > 0
 
-    def answer(self, user: str, address: str) -> str | None:
-        """Admit a new answer for ``user`` at ``address``; return the quota key its
-        session counts under (None: uncapped). Raises `Refused`."""
+    async def answer(self, user: str, address: str) -> Quota | None:
+        """Admit a new answer for ``user`` at ``address``; return the quota its session
+        counts under (None: uncapped), which `bind` or `release` takes. Raises `Refused`."""
         self._slot()
-        key, cap = None, 0
+        quota, cap = None, 0
         if self.per_user:
-            key, cap = f"user:{user}", self.per_user
+            quota, cap = Quota(f"user:{user}"), self.per_user
         elif self.per_address:
-            key, cap = f"addr:{address}", self.per_address
-        if key is not None and self.ledger.running(key) >= cap:
-            self._refuse(429, "too_many_answers", f"at most {cap} answers at once; retry later", 1)
-        wait = self.rate.allow(user if self.rate_by_user else address)
+            quota, cap = Quota(f"addr:{address}"), self.per_address
+        if quota is not None:
+            admitted = None
+            if self.shared is not None:
+                from relay.shared_limits import new_lease
+
+                quota = Quota(quota.key, new_lease())
+                admitted = await self.shared.admit(quota.key, cap, quota.lease)
+            if admitted is None:  # counted here
+                admitted = self.ledger.running(quota.key) < cap
+            if not admitted:
+                self._refuse(
+                    429, "too_many_answers", f"at most {cap} answers at once; retry later", 1
+                )
+        client = user if self.rate_by_user else address
+        wait = await self.shared.rate(client) if self.rate_shared else None
+        if wait is None:
+            wait = self.rate.allow(client)
         if wait:
+            self.release(quota)
             self._refuse(429, "rate_limited", "too many new streams; retry later", wait)
-        return key
+        return quota
+
+    def bind(self, session: Session, quota: Quota | None) -> None:
+        """``session`` was created under ``quota``: its lease lasts as long as it runs."""
+        if self.shared is not None and quota is not None and quota.lease:
+            self.shared.track(session, quota.key, quota.lease)
+
+    def release(self, quota: Quota | None) -> None:
+        """``quota`` was not used (no session was created under it)."""
+        if self.shared is not None and quota is not None and quota.lease:
+            self.shared.release(quota.key, quota.lease)
 
     def reader(self, session: Session) -> None:
         """Admit one more reader of ``session``. Raises `Refused`."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from tornado.web import _HandlerDelegate  # what Application.find_handler is typed to return
 
     from relay.redis_store import RedisStore
+    from relay.shared_limits import SharedLimits
 
 log = logging.getLogger("relay")
 access_log = logging.getLogger("tornado.access")
@@ -80,7 +81,11 @@ class Relay:
         self.draining = False
         self.rate = RateLimiter(settings.rate_limit)
         ledger = self.store.ledger
-        self.admission = Admission(settings, ledger, self.rate, self.metrics)
+        self.shared_limits = shared_limits(settings, self.store)
+        if self.shared_limits is not None:
+            ledger.answer_ended = self.shared_limits.ended
+            self.metrics.limits_local.set_function(lambda: float(self.shared_limits.local))
+        self.admission = Admission(settings, ledger, self.rate, self.metrics, self.shared_limits)
         self.metrics.bind(
             streams=lambda: len(self.streams),
             sessions=lambda: len(self.store),
@@ -95,6 +100,8 @@ class Relay:
 
     def start(self) -> None:
         self.store.start()
+        if self.shared_limits is not None:
+            self.shared_limits.start()
         self._tick.start()
         self._prune.start()
 
@@ -162,6 +169,8 @@ class Relay:
         self.upstream.close()
         if self.demo is not None:
             await self.demo.close()
+        if self.shared_limits is not None:
+            await self.shared_limits.close()
         await self.store.close()
 
 
@@ -207,13 +216,30 @@ class RelayApplication(Application):
 
 
 def make_store(settings: Settings) -> MemoryStore | RedisStore:
-    """The session store ``--store`` names: in memory (default) or Redis."""
+    """The session store ``--store`` names: in memory (default) or Redis (one, behind
+    Sentinel, or a cluster)."""
     kept = settings.max_kept_mib << 20
-    if settings.store.startswith("redis://"):
+    if settings.store != "memory":
         from relay.redis_store import RedisStore  # redis is only imported when used
 
         return RedisStore(settings.store, settings.session_ttl, max_kept_bytes=kept)
     return MemoryStore(settings.session_ttl, max_kept_bytes=kept)
+
+
+def shared_limits(settings: Settings, store: MemoryStore | RedisStore) -> SharedLimits | None:
+    """With a Redis store and a limit that counts per client, the limits count in Redis
+    (relay/shared_limits.py)."""
+    if isinstance(store, MemoryStore):
+        return None
+    # The caps Admission applies: per user with --auth-tokens, else per address.
+    cap = (
+        settings.max_answers_per_user if settings.auth_tokens else settings.max_answers_per_address
+    )
+    if not (settings.rate_limit or cap):
+        return None
+    from relay.shared_limits import SharedLimits
+
+    return SharedLimits(store.redis, settings.rate_limit)
 
 
 def make_app(settings: Settings) -> RelayApplication:

@@ -36,6 +36,7 @@ from relay.forwarded import parse_networks
 from relay.resources import default_config
 from relay.robots import DEFAULT_ROBOTS, Robot, parse_robots
 from relay.setting import ENV_PREFIX, Setting, setting
+from relay.storeurl import parse_store_url
 
 # tornado.options reads any word but false/0/f as true: "no" would turn a flag on.
 _BOOL_WORDS = frozenset({"true", "false", "1", "0", "t", "f"})
@@ -162,7 +163,8 @@ class Settings:
     rate_limit: int = setting(
         0,
         "new streams (one-shot POSTs and session POSTs; not reconnects) per minute per client"
-        " (token, else address; 0: off); beyond it: 429 with Retry-After",
+        " (token, else address; 0: off), counted across every process on a Redis store;"
+        " beyond it: 429 with Retry-After",
         bound="not negative",
     )
     send_timeout: float = setting(
@@ -205,7 +207,10 @@ class Settings:
     )
     store: str = setting(
         "memory",
-        "`memory`, or `redis://host:port/db` to share sessions between processes and hosts",
+        "`memory`, or Redis to share sessions (and the rate limit and answer caps) between"
+        " processes and hosts: `redis://[:password@]host:port/db`,"
+        " `redis+sentinel://[:password@]host:26379[,host:26379]/service/db` or"
+        " `redis+cluster://[:password@]host:port[,host:port]` (docs/deploy.md)",
     )
     workers: int = setting(
         1,
@@ -371,8 +376,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("--port must be between 0 and 65535")
     if settings.upstream is not None and not settings.upstream.startswith(("http://", "https://")):
         raise ConfigError("--upstream must be an http:// or https:// URL")
-    if settings.store != "memory" and not settings.store.startswith("redis://"):
-        raise ConfigError("--store must be memory or redis://host:port/db")
+    try:
+        parse_store_url(settings.store)
+    except ValueError as e:
+        raise ConfigError(f"--store: {e}") from None
     if settings.workers != 1 and settings.store == "memory":
         raise ConfigError("--workers other than 1 needs --store=redis://host:port/db")
 

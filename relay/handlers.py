@@ -263,8 +263,17 @@ class AskHandler(BaseHandler):
         self, user: str, robot: Robot, replayable: bool, keyed: str | None = None
     ) -> Session:
         """Admit a new answer and create its session (its call not started yet)."""
-        quota = self.relay.admission.answer(user, self.address)
-        return await self.relay.store.create(user, robot.robot_id, replayable, quota, keyed)
+        admission = self.relay.admission
+        quota = await admission.answer(user, self.address)
+        try:
+            session = await self.relay.store.create(
+                user, robot.robot_id, replayable, quota and quota.key, keyed
+            )
+        except BaseException:
+            admission.release(quota)
+            raise
+        admission.bind(session, quota)
+        return session
 
     @property
     def address(self) -> str:

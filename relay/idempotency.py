@@ -124,15 +124,25 @@ def redis_key(index: str) -> str:
     return f"relay:idem:{index}"
 
 
-# Atomic claim: KEYS[1] the entry; ARGV uid, body, reader, stale uid ("" for none), ttl.
-# A hash holds the uid, the body's digest and the token of the answer's latest reader.
+# Atomic claim: KEYS[1] the entry; ARGV uid, body, reader, stale uid ("" for none), ttl,
+# and the reader's process. A hash holds the uid, the body's digest, and the token and
+# process (relay.redis_store's ``proc``) of the answer's latest reader.
 _CLAIM = """
 local held = redis.call('HMGET', KEYS[1], 'uid', 'body')
 if held[1] and held[1] ~= ARGV[4] then return held end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'body', ARGV[2], 'reader', ARGV[3])
+redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'body', ARGV[2], 'reader', ARGV[3], 'proc', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return false
+"""
+
+# A new reader: KEYS[1] the entry; ARGV its token and process. Answers the process of the
+# reader it replaces (nil if none, or if the entry is gone: nothing is recreated).
+_READER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local previous = redis.call('HGET', KEYS[1], 'proc')
+redis.call('HSET', KEYS[1], 'reader', ARGV[1], 'proc', ARGV[2])
+return previous
 """
 
 
@@ -144,6 +154,7 @@ class RedisIndex:
         self.redis = redis
         self.ttl = int(ttl) + 1
         self._claim = redis.register_script(_CLAIM)
+        self._reader = redis.register_script(_READER)
 
     async def get(self, index: str) -> Entry | None:
         """The entry, its lifetime renewed (a repeat is activity)."""
@@ -153,9 +164,13 @@ class RedisIndex:
         (uid, body), _ = await pipe.execute()
         return None if uid is None else Entry(uid.decode(), (body or b"").decode())
 
-    async def claim(self, ask: KeyedAsk, uid: str, reader: str, stale: str) -> Entry | None:
+    async def claim(
+        self, ask: KeyedAsk, uid: str, reader: str, stale: str, proc: str = ""
+    ) -> Entry | None:
+        """Name ``uid`` under ``ask`` with ``reader`` (of process ``proc``) as its reader,
+        unless another session holds it: then that entry."""
         held = await self._claim(
-            keys=[redis_key(ask.index)], args=[uid, ask.body, reader, stale, self.ttl]
+            keys=[redis_key(ask.index)], args=[uid, ask.body, reader, stale, self.ttl, proc]
         )
         if held is None:
             return None
@@ -165,8 +180,10 @@ class RedisIndex:
         """Add the renewal of the entry's lifetime to ``pipe`` (with its session's)."""
         pipe.expire(redis_key(index), self.ttl)
 
-    def set_reader(self, pipe: Any, index: str, reader: str) -> None:
-        pipe.hset(redis_key(index), "reader", reader)
+    async def set_reader(self, index: str, reader: str, proc: str) -> str | None:
+        """Record ``reader`` of process ``proc`` as the latest; the previous one's process."""
+        previous = await self._reader(keys=[redis_key(index)], args=[reader, proc])
+        return None if previous is None else previous.decode()
 
     async def reader(self, index: str) -> str | None:
         value = await self.redis.hget(redis_key(index), "reader")

@@ -36,6 +36,12 @@ class Metrics:
             registry=r,
         )
         self.answers = Gauge("relay_running_answers", "Upstream calls running", registry=r)
+        self.limits_local = Gauge(
+            "relay_limits_local",
+            "1 while --rate-limit and the answer caps count in this process only "
+            "(a Redis store that does not answer), else 0",
+            registry=r,
+        )
         self.kept_bytes = Gauge(
             "relay_kept_bytes", "Event bytes kept by all sessions in memory", registry=r
         )

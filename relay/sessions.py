@@ -59,9 +59,19 @@ class Ledger:
     is what the sessions keep in memory; past ``max_kept_bytes`` the store's
     ``evict`` drops the oldest of ``finished`` (replayable sessions, in the
     order they ended). Sessions keep these numbers; nothing here is per event.
+    ``answer_ended`` is told of each session with a quota key that ends (the
+    limits counted in Redis let its lease go: relay/shared_limits.py).
     """
 
-    __slots__ = ("answers", "evict", "finished", "kept_bytes", "max_kept_bytes", "slots")
+    __slots__ = (
+        "answer_ended",
+        "answers",
+        "evict",
+        "finished",
+        "kept_bytes",
+        "max_kept_bytes",
+        "slots",
+    )
 
     def __init__(self, max_kept_bytes: int = 1 << 62) -> None:
         self.slots = 0
@@ -70,6 +80,7 @@ class Ledger:
         self.max_kept_bytes = max_kept_bytes
         self.finished: dict[str, Session] = {}
         self.evict: Callable[[], None] | None = None
+        self.answer_ended: Callable[[Session], None] | None = None
 
     def running(self, quota_key: str) -> int:
         """Running answers of ``quota_key``."""
@@ -250,6 +261,8 @@ class Session:
                 ledger.answers[self.quota_key] = left
             else:
                 ledger.answers.pop(self.quota_key, None)
+            if ledger.answer_ended is not None:
+                ledger.answer_ended(self)
         if self.replayable and self.runs_call and self._in_ledger:
             ledger.finished[self.uid] = self
         self._reweigh()

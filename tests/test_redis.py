@@ -126,10 +126,10 @@ async def test_session_expires_through_redis(relays, fake, redis_server):
     created = await create_session(a)
     assert (await fetch_stream(b.url + created["streamUrl"])).text() == "a"
     r = redis_server.client()
-    key = f"relay:session:{created['uid']}"
-    assert r.exists(key, key + ":events") == 2
+    keys = [f"relay:{{{created['uid']}}}:meta", f"relay:{{{created['uid']}}}:events"]
+    assert r.exists(*keys) == 2
     await asyncio.sleep(2.5)
-    assert r.exists(key, key + ":events") == 0  # Redis expired them
+    assert r.exists(*keys) == 0  # Redis expired them
     assert (await fetch_stream(b.url + created["streamUrl"])).status == 404
     assert (await fetch_stream(a.url + created["streamUrl"])).status == 404
 
@@ -421,3 +421,96 @@ async def test_keyed_bookkeeping_with_redis_unreachable_fails_safe(caplog):
         await store.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("takeover" in w for w in warnings) and any("abandoned" in w for w in warnings)
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_the_writer_rewrites_what_a_promoted_replica_missed(relays, fake, redis_server):
+    """After a failover the new master may lack the last entries the old one acknowledged
+    (replication is asynchronous): the writer's next append finds the stream ending
+    earlier than it left it, and rewrites the rest from memory; readers see no gap."""
+    a, b = await relays(), await relays()
+    gate = asyncio.Event()
+    fake.script = gated(TOKENS, 10, gate)
+    created = await create_session(a)
+    uid = created["uid"]
+    r = redis_server.client()
+    events, meta = f"relay:{{{uid}}}:events", f"relay:{{{uid}}}:meta"
+    await eventually(lambda: r.xlen(events) == 10, 5)
+    ahead = asyncio.ensure_future(  # a reader that read event 10 from the old master
+        fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "10"})
+    )
+    await asyncio.sleep(0.3)
+    # The new master: the stream without what the old one had not passed on yet.
+    kept = r.xrange(events, "-", "7-0")
+    r.delete(events)
+    for entry_id, fields in kept:
+        r.xadd(events, fields, id=entry_id)
+    r.hset(meta, "last_seq", 7)
+    late = asyncio.ensure_future(
+        fetch_stream(b.url + created["streamUrl"], headers={"Last-Event-ID": "7"})
+    )
+    await asyncio.sleep(0.5)
+    gate.set()
+    res = await late
+    assert [int(e.id) for e in res.events] == list(range(8, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[7:])
+    res = await ahead
+    assert [int(e.id) for e in res.events] == list(range(11, len(TOKENS) + 3))
+    assert res.text() == "".join(TOKENS[10:])
+    entries = r.xrange(events)
+    assert [e[0] for e in entries][-3:] == [
+        f"{len(TOKENS) + 1}-0".encode(),
+        f"{len(TOKENS) + 2}-0".encode(),
+        f"{len(TOKENS) + 2}-1".encode(),
+    ]
+    assert len(entries) == len(TOKENS) + 3  # every event once, and the end
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize(
+    ("limits", "kept"),
+    [
+        (SessionLimits(max_events=5), list(range(8, 13))),  # by count
+        (SessionLimits(max_bytes=2_500), [11, 12]),  # by bytes: two 1 KB events fit
+    ],
+)
+async def test_redis_keeps_no_more_of_a_session_than_memory_does(redis_server, limits, kept):
+    store = RedisStore(redis_server.url, 300, limits)
+    store.start()
+    r = redis_server.client()
+    try:
+        session = await store.create("anonymous", "1", replayable=True)
+        events = f"relay:{{{session.uid}}}:events"
+        for i in range(12):
+            session.append("x" * 1000 + str(i))
+            await asyncio.sleep(0.01)  # one append script each
+        session.finish()
+        await eventually(lambda: r.exists(events) and r.xrevrange(events, count=1)[0][0] == b"12-1")
+        assert [e[0] for e in r.xrange(events)] == [f"{n}-0".encode() for n in kept] + [b"12-1"]
+        assert session.first_seq == kept[0]  # what memory keeps, no more
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_more_readers_on_another_process_than_a_default_pool_holds(
+    make_relay, fake, redis_server
+):
+    """Each reader following through Redis holds a connection in XREAD BLOCK: 120 of them,
+    and new sessions and lookups beside them (redis-py's pool stops at 100 by default)."""
+    a = make_relay(upstream=fake.url, store=redis_server.url)
+    b = make_relay(upstream=fake.url, store=redis_server.url)
+    gate = asyncio.Event()
+    fake.script = gated(["x", "y"], 1, gate)
+    sessions = [await create_session(a) for _ in range(120)]
+    readers = [
+        asyncio.ensure_future(fetch_stream(b.url + s["streamUrl"], timeout=40)) for s in sessions
+    ]
+    # More followers wait in XREAD BLOCK at once than a default pool has connections.
+    await eventually(lambda: redis_server.client().info("clients")["blocked_clients"] > 100, 10)
+    fake.script = stream_tokens(["z"])
+    created = await create_session(b)
+    assert (await fetch_stream(b.url + created["streamUrl"])).text() == "z"
+    gate.set()
+    results = await asyncio.gather(*readers)
+    assert [r.text() for r in results] == ["xy"] * 120

@@ -9,8 +9,10 @@ streams as fast as the upstream sends; c) 8,000 streams held at 1 token/s; d) 3,
 50 tokens/s (an overload); e) the relay with --workers=2 --store=redis (scenario a's load);
 f) short streams (one token each), for the CPU cost of a new stream; g) 100 streams at 50
 tokens/s, for the time to first token the relay adds when it is not busy; h) scenario a's
-load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body
-connections and 100 session POSTs a second that nobody reads).
+load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body connections
+and 100 session POSTs a second that nobody reads); i) the session flow (POST, GET, DELETE) on
+--workers=2 with one Redis, and with a three-master Redis Cluster, with the Redis commands and
+Redis CPU per relayed event.
 
 Targets are each run in a fresh process: the fake upstream (always), then for each target in
 turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
@@ -24,6 +26,7 @@ checkout, ``pip install -e .``), so the bench runs from any working directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -57,6 +60,7 @@ class Scenario:
     ramp: float
     targets: tuple[str, ...] = ("upstream", "nginx", "relay")
     processes: int = 1
+    mode: str = ""  # the load tester's --mode; "" = the target's
 
 
 SCENARIOS = {
@@ -97,6 +101,18 @@ SCENARIOS = {
             20,
             5,
             targets=("relay", "relay-attacked"),
+        ),
+        Scenario(
+            "i",
+            "session flow, --workers=2, one Redis or a Redis Cluster of 3 masters: "
+            "1,000 streams at 50 tokens/s",
+            1000,
+            200,
+            20,
+            20,
+            5,
+            targets=("relay-redis", "relay-cluster"),
+            mode="session",
         ),
     )
 }
@@ -150,8 +166,7 @@ class Target:
     url: str
     mode: str  # the load tester's --mode
     procs: list[subprocess.Popen] = field(default_factory=list)
-    # What the target needs but is not the target (redis): its CPU and memory stay out.
-    helpers: list[subprocess.Popen] = field(default_factory=list)
+    redis: RedisSet | None = None  # its store, measured apart
 
     def pids(self) -> list[int]:
         pids = []
@@ -169,9 +184,82 @@ class Target:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for p in self.helpers:
+        if self.redis is not None:
+            self.redis.stop()
+
+
+@dataclass
+class RedisSet:
+    """The redis-server processes of a target's store: one, or the masters of a cluster."""
+
+    procs: list[subprocess.Popen]
+    ports: list[int]
+    url: str
+
+    def commands(self) -> int:
+        """Commands all the nodes have run (INFO commandstats), the INFO calls left out."""
+        total = 0
+        for port in self.ports:
+            for line in redis_cli(port, "INFO", "commandstats").splitlines():
+                name, _, rest = line.partition(":")
+                if name.startswith("cmdstat_") and name != "cmdstat_info":
+                    total += int(rest.split(",")[0].removeprefix("calls="))
+        return total
+
+    def cpu(self) -> float:
+        return sum(proc_cpu(p.pid) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
             p.terminate()
-            p.wait()
+        for p in self.procs:
+            p.wait(10)
+
+
+def redis_cli(port: int, *args: str) -> str:
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    return subprocess.run(
+        [cli, "-p", str(port), *args], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def start_redis(workdir: Path, cluster: bool) -> RedisSet:
+    """One redis-server, or three masters made a cluster by ``redis-cli --cluster create``
+    (each with a bus port of its own); no persistence."""
+    procs, ports = [], []
+    for i in range(3 if cluster else 1):
+        port = free_port()
+        args = [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port)]
+        args += ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if cluster:
+            node = workdir / f"redis{i}"
+            node.mkdir(exist_ok=True)
+            args += ["--dir", str(node), "--cluster-enabled", "yes"]
+            args += ["--cluster-port", str(free_port()), "--cluster-node-timeout", "5000"]
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, cwd=workdir))
+        ports.append(port)
+    for port in ports:
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                [shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port), "PING"],
+                capture_output=True,
+                check=False,
+            ).stdout.strip()
+            != b"PONG"
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on {port} did not start")
+            time.sleep(0.05)
+    if not cluster:
+        return RedisSet(procs, ports, f"redis://127.0.0.1:{ports[0]}/0")
+    redis_cli(ports[0], "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes")
+    deadline = time.monotonic() + 30
+    while any("cluster_state:ok" not in redis_cli(p, "CLUSTER", "INFO") for p in ports):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cluster did not become ok")
+        time.sleep(0.1)
+    return RedisSet(procs, ports, "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports))
 
 
 def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -230,43 +318,22 @@ def start_nginx(upstream: str, workdir: Path) -> Target:
     return Target("nginx", url, "upstream", [proc])
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """A throwaway redis-server (no persistence) on a free port; the process and its URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "/usr/bin/redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        cwd=workdir,
-    )
-    time.sleep(0.5)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def start_relay(name: str, upstream: str, workdir: Path) -> Target:
     """The relay (``python -m relay``) with default flags but ``--max-streams``;
-    ``relay-workers2``: two workers sharing a Redis store of their own."""
+    ``relay-workers2`` and ``relay-redis``: two workers sharing a Redis of their own,
+    ``relay-cluster``: the same on a three-master Redis Cluster."""
     port = free_port()
     args = [PY, "-m", "relay", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
-    helpers = []
-    if name == "relay-workers2":
-        redis, store = start_redis(workdir)
-        helpers.append(redis)
-        args += ["--workers=2", f"--store={store}"]
+    redis = None
+    if name in ("relay-workers2", "relay-redis", "relay-cluster"):
+        redis = start_redis(workdir, cluster=name == "relay-cluster")
+        args += ["--workers=2", f"--store={redis.url}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     proc = subprocess.Popen(args, cwd=workdir, env=env, stderr=(workdir / f"{name}.log").open("w"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz")
-    return Target(name, url, "oneshot", [proc], helpers)
+    # Redis is not the relay: its CPU is kept out of the relay's, and reported apart.
+    return Target(name, url, "oneshot", [proc], redis)
 
 
 class Sampler(threading.Thread):
@@ -300,6 +367,7 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     pids = target.pids()
     idle_rss = sum(proc_rss(p) for p in pids) if pids else 0
     cpu_before = sum(proc_cpu(p) for p in pids)
+    redis_before = (target.redis.commands(), target.redis.cpu()) if target.redis else None
     sampler = Sampler(target)
     sampler.start()
     attacker = (
@@ -314,7 +382,15 @@ def run_once(sc: Scenario, target: Target, workdir: Path) -> dict:
     pids = target.pids()
     cpu = sum(proc_cpu(p) for p in pids) - cpu_before if pids else 0.0
     events = result["events"]["total"] or 1
+    redis_stats: dict = {}
+    if target.redis is not None and redis_before is not None:
+        redis_stats = {
+            "redis_commands_per_event": (target.redis.commands() - redis_before[0]) / events,
+            "redis_cpu_us_per_event": (target.redis.cpu() - redis_before[1]) / events * 1e6,
+        }
     return {
+        "streams": sc.streams,
+        **redis_stats,
         "events_per_s": result["events"]["per_s"],
         "cpu_us_per_event": cpu / events * 1e6 if pids else None,
         "cpu_ms_per_stream": cpu / max(result["streams"]["started"], 1) * 1e3 if pids else None,
@@ -343,7 +419,7 @@ def run_loadtest(sc: Scenario, target: Target, out: Path, workdir: Path) -> dict
             "-m",
             "relay.tools.loadtest",
             f"--url={target.url}",
-            f"--mode={target.mode}",
+            f"--mode={sc.mode or target.mode}",
             f"--streams={sc.streams}",
             f"--duration={sc.duration}",
             f"--ramp={sc.ramp}",
@@ -382,10 +458,19 @@ def median_of(runs: list[dict]) -> dict:
     return merged
 
 
-def bench(scenarios: Sequence[str], runs: int, workdir: Path, only: Sequence[str] = ()) -> dict:
+def bench(
+    scenarios: Sequence[str],
+    runs: int,
+    workdir: Path,
+    only: Sequence[str] = (),
+    streams: int = 0,
+) -> dict:
+    """Run ``scenarios``; ``streams`` (when not 0) replaces each one's stream count."""
     results: dict = {}
     for key in scenarios:
         sc = SCENARIOS[key]
+        if streams:
+            sc = dataclasses.replace(sc, streams=streams)
         for name in sc.targets:
             if only and name not in only:
                 continue
@@ -419,7 +504,9 @@ def markdown(results: dict) -> str:
     lines = []
     for key, by_target in results.items():
         sc = SCENARIOS[key]
-        lines += [f"### {key}) {sc.title}", ""]
+        ran = {r.get("streams", sc.streams) for r in by_target.values()}
+        note = f" (this run: {', '.join(f'{n:,}' for n in sorted(ran))} streams)"
+        lines += [f"### {key}) {sc.title}{note if ran != {sc.streams} else ''}", ""]
         lines.append(
             "| target | events/s | CPU µs/event | CPU % of a core | TTFT p50 / p99 ms "
             "| lag p50 / p99 ms | RSS KB/stream | errors | text exact |"
@@ -444,6 +531,14 @@ def markdown(results: dict) -> str:
             if sc.tokens == 1:
                 note += f" CPU per new stream, all costs: {relay['cpu_ms_per_stream']:.2f} ms."
             lines += ["", note]
+        stored = {n: r for n, r in by_target.items() if "redis_commands_per_event" in r}
+        if stored:
+            per = "; ".join(
+                f"{n}: {r['redis_commands_per_event']:.2f} Redis commands and "
+                f"{r['redis_cpu_us_per_event']:.1f} µs of Redis CPU per relayed event"
+                for n, r in stored.items()
+            )
+            lines += ["", f"Redis (all nodes, measured apart from the relay's CPU): {per}."]
         attacked = by_target.get("relay-attacked")
         if attacked and attacked.get("attack") is not None:
             seen = json.dumps(attacked["attack"])
@@ -462,10 +557,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", default="", help="only these targets (comma-separated)")
     parser.add_argument("--json", help="write all results as JSON here")
     parser.add_argument("--out", help="write the Markdown tables here")
+    parser.add_argument(
+        "--streams", type=int, default=0, help="streams per scenario instead of its own (0)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         only = [t for t in args.targets.split(",") if t]
-        results = bench(args.scenarios.split(","), args.runs, Path(tmp), only)
+        results = bench(args.scenarios.split(","), args.runs, Path(tmp), only, args.streams)
     text = markdown(results)
     print(text)
     if args.out:
