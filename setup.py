@@ -34,6 +34,8 @@ setup(
             "setuptools<81",
             "hypothesis>=6.90",
             "ruff>=0.5",
+            # tests/test_lint.py runs it strict on the product (mypy.ini).
+            "mypy>=1.10",
             # Drives Debian's /usr/bin/chromium; never `playwright install`.
             "playwright>=1.40",
             # A throwaway CA and certificate for the HTTPS upstream tests.

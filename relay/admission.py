@@ -96,7 +96,8 @@ class Admission:
                     429, "too_many_answers", f"at most {cap} answers at once; retry later", 1
                 )
         client = user if self.rate_by_user else address
-        wait = await self.shared.rate(client) if self.rate_shared else None
+        shared = self.shared if self.rate_shared else None
+        wait = await shared.rate(client) if shared is not None else None
         if wait is None:
             wait = self.rate.allow(client)
         if wait:

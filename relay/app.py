@@ -81,10 +81,10 @@ class Relay:
         self.draining = False
         self.rate = RateLimiter(settings.rate_limit)
         ledger = self.store.ledger
-        self.shared_limits = shared_limits(settings, self.store)
-        if self.shared_limits is not None:
-            ledger.answer_ended = self.shared_limits.ended
-            self.metrics.limits_local.set_function(lambda: float(self.shared_limits.local))
+        self.shared_limits = shared = shared_limits(settings, self.store)
+        if shared is not None:
+            ledger.answer_ended = shared.ended
+            self.metrics.limits_local.set_function(lambda: float(shared.local))
         self.admission = Admission(settings, ledger, self.rate, self.metrics, self.shared_limits)
         self.metrics.bind(
             streams=lambda: len(self.streams),

@@ -267,7 +267,7 @@ class AskHandler(BaseHandler):
         quota = await admission.answer(user, self.address)
         try:
             session = await self.relay.store.create(
-                user, robot.robot_id, replayable, quota and quota.key, keyed
+                user, robot.robot_id, replayable, quota.key if quota else None, keyed
             )
         except BaseException:
             admission.release(quota)

@@ -63,7 +63,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -182,11 +182,11 @@ def connect(url: StoreURL) -> tuple[Any, Any]:
     }
     if url.kind == "redis":
         return aioredis.from_url(url.url, **common), None
-    auth = {"username": url.username, "password": url.password}
+    auth: dict[str, Any] = {"username": url.username, "password": url.password}
     if url.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             list(url.nodes),
             sentinel_kwargs={
                 "socket_timeout": PING_TIMEOUT,
@@ -227,7 +227,7 @@ class RedisStore:
         self.index = RedisIndex(self.redis, ttl)
         # Told ``(uid, token)`` when a keyed stream on another process takes an answer over.
         self.on_takeover: Callable[[str, str], None] | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self.pid = os.getpid()
         # This process, as other processes address it (pids repeat across hosts).
@@ -292,7 +292,8 @@ class RedisStore:
             return True
         # The client's map leaves out slots whose master failed, so every master it knows
         # may answer while part of the cluster is down: ask a node what it sees.
-        return (await self.redis.cluster_info()).get("cluster_state") == "ok"
+        info: dict[str, Any] = await self.redis.cluster_info()
+        return info.get("cluster_state") == "ok"
 
     def prune(self) -> int:
         """Redis expires its keys itself; this only drops expired local sessions."""
@@ -330,7 +331,7 @@ class RedisStore:
         meta, first = await self._call(self._lookup(uid))
         if not meta or meta.get(b"deleted"):
             return None
-        return MirrorSession.from_meta(self, uid, meta, first)
+        return MirrorSession(self, uid, meta, first)
 
     async def remove(self, uid: str) -> None:
         """Remove a session everywhere; the process running it cancels its upstream call."""
@@ -359,6 +360,8 @@ class RedisStore:
         """Record ``reader`` as the keyed answer's reader and tell the process of the
         previous one, whose older stream of it ends."""
         session.reader = reader
+        if session.keyed is None:  # not reached: only keyed answers have readers taken over
+            return
         try:
             previous = await self._call(self.index.set_reader(session.keyed, reader, self.proc))
         except RelayError:
@@ -367,6 +370,8 @@ class RedisStore:
         await self.bus.post(previous, "takeover", session.uid, reader)
 
     async def is_reader(self, session: Session, reader: str) -> bool:
+        if session.keyed is None:  # not reached: only keyed answers have a recorded reader
+            return False
         try:
             return await self._call(self.index.reader(session.keyed)) == reader
         except RelayError:
@@ -444,12 +449,16 @@ class RedisStore:
         node of the key's slot straight away: the client would first ask a node to find the
         key in an XREAD (a round trip per read, to a node that may be gone)."""
         if not self.cluster:
-            return self.redis.xread({key: f"{cursor}-0"}, count=1000, block=BLOCK_MS)
-        return self.redis.execute_command(
+            read: Awaitable[Any] = self.redis.xread(
+                {key: f"{cursor}-0"}, count=1000, block=BLOCK_MS
+            )
+            return read
+        read = self.redis.execute_command(
             "XREAD",
             *("COUNT", 1000, "BLOCK", BLOCK_MS, "STREAMS", key, f"{cursor}-0"),
             target_nodes=self.redis.get_node_from_key(key),
         )
+        return read
 
     async def _lookup(self, uid: str) -> tuple[dict[bytes, bytes], int | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -460,7 +469,7 @@ class RedisStore:
         meta, first, _, _ = await pipe.execute()
         return meta, _seq(first[0][0])[0] if first else None
 
-    def _spawn(self, coro: Any) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -699,7 +708,8 @@ class RedisWriter:
         if self.session.keyed is not None:
             self._index_renewed = time.monotonic()
             self.store.index.refresh(pipe, self.session.keyed)
-        return pipe.execute()
+        written: Awaitable[Any] = pipe.execute()
+        return written
 
     def _meta(self) -> dict[str, Any]:
         s = self.session
@@ -760,13 +770,14 @@ class RedisWriter:
         args = [self._top(), int(self.store.ttl) + 1, s.first_seq, start, len(frames)]
         args += [f"{upto}-1" if ending else "", len(end), *frames, *end, *meta]
         pending = [self.store._append(keys=[events_key(s.uid), meta_key(s.uid)], args=args)]
-        renew = s.keyed is not None and (
+        keyed = s.keyed
+        renew = keyed is not None and (
             ending or time.monotonic() - self._index_renewed > self.store.ttl / 4
         )
-        if renew:
+        if renew and keyed is not None:
             # The entry is in another slot: renewed beside the append, not in it, and
             # not on every append (it need only outlive the session).
-            pending.append(self.store.redis.expire(redis_key(s.keyed), self.store.index.ttl))
+            pending.append(self.store.redis.expire(redis_key(keyed), self.store.index.ttl))
         found, *_ = await asyncio.gather(*pending)
         if renew:
             self._index_renewed = time.monotonic()
@@ -787,13 +798,12 @@ class MirrorSession(Session):
     at the reader's cursor and a follower task fills it from ``XREAD BLOCK``.
     """
 
-    proc: str | None = None  # the process that runs the answer
-
-    @classmethod
-    def from_meta(
-        cls, store: RedisStore, uid: str, meta: dict[bytes, bytes], first: int | None
-    ) -> MirrorSession:
-        mirror = cls(
+    def __init__(
+        self, store: RedisStore, uid: str, meta: dict[bytes, bytes], first: int | None
+    ) -> None:
+        """The session ``uid`` as its Redis hash ``meta`` describes it; ``first`` is the
+        oldest event its stream keeps (None: it keeps none)."""
+        super().__init__(
             uid,
             meta.get(b"owner", b"").decode(),
             meta.get(b"robot", b"").decode(),
@@ -802,25 +812,21 @@ class MirrorSession(Session):
             ledger=store.ledger,
             runs_call=False,
         )
-        mirror.store = store
-        mirror.proc = _text(meta.get(b"proc"))
+        self.store = store
+        self.proc = _text(meta.get(b"proc"))  # the process that runs the answer
         keyed = meta.get(b"idem")
-        mirror.keyed = keyed.decode() if keyed else None
-        mirror.last_seq = int(meta.get(b"last_seq", 0))
-        mirror._first_seq = first if first is not None else mirror.last_seq + 1
+        self.keyed = keyed.decode() if keyed else None
+        last = int(meta.get(b"last_seq", 0))
+        self.renumber(first - 1 if first is not None else last, last)
+        self._task: asyncio.Task[None] | None = None
         state = meta.get(b"state", b"running").decode()
         if state == FAILED:
-            mirror.fail(_error_from(meta))
+            self.fail(_error_from(meta))
         elif state == DONE:
-            mirror.state = DONE
-        mirror._task = None
-        return mirror
+            self.state = DONE
 
     def subscribe(self, sub: Any, after: int) -> None:
-        self._keep(-self._kept_bytes)
-        self._frames.clear()
-        self._first_seq = after + 1
-        self.last_seq = after
+        self.renumber(after)
         self.state = RUNNING
         self.error = None
         super().subscribe(sub, after)

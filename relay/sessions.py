@@ -232,6 +232,16 @@ class Session:
         if self._in_ledger:
             self._ledger.kept_bytes += size
 
+    def renumber(self, after: int, last: int | None = None) -> None:
+        """Drop every kept event; the next one kept is ``after + 1``, and ``last_seq`` is
+        ``last`` (``after`` when None). For a session whose events are written elsewhere
+        (`relay.redis_store.MirrorSession`): it reports the remote numbers before it holds
+        any event, and restarts at a reader's cursor."""
+        self._keep(-self._kept_bytes)
+        self._frames.clear()
+        self._first_seq = after + 1
+        self.last_seq = after if last is None else last
+
     def release(self) -> None:
         """The store lets the session go: its kept bytes no longer count against the store."""
         if self._in_ledger:

@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -120,7 +120,7 @@ class SharedLimits:
         self._rate = redis.register_script(_RATE)
         self._admit = redis.register_script(_ADMIT)
         self._renew = redis.register_script(_RENEW)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._renewed = asyncio.Event()  # set to renew at once
 
     def start(self) -> None:
@@ -227,7 +227,7 @@ class SharedLimits:
             self._renewed.set()  # count this process's running answers there at once
             return
 
-    def _spawn(self, coro: Any) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

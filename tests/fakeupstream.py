@@ -252,3 +252,19 @@ class ReplayUpstream(TCPServer):
                 await asyncio.sleep(0)
         if self.chunked:
             await stream.write(b"0\r\n\r\n")
+
+
+def after_gate(tokens: list[str], first: int, gate: asyncio.Event, delay: float):
+    """The role chunk and ``first`` tokens; after ``gate``, the rest ``delay`` apart."""
+    frames = answer_frames(tokens)
+
+    async def script(handler, body, key):
+        start_stream(handler)
+        for frame in frames[: first + 1]:
+            await handler.send(frame)
+        await gate.wait()
+        for frame in frames[first + 1 :]:
+            await handler.send(frame)
+            await asyncio.sleep(delay)
+
+    return script

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 from tornado.iostream import IOStream, StreamClosedError
 
 from relay.http1 import ResponseHead, ResponseParser
 from relay.sse import ServerSentEvent, SSEParser
-from tests.conftest import ASK
+from tests.conftest import ASK, fetch_stream
+from tests.processes import RelayProcess
 
 KEY = "k-0123456789abcdef"
 BODY = json.dumps(ASK, ensure_ascii=False).encode()
@@ -130,3 +132,35 @@ class RawStream:
 
     def close(self) -> None:
         self.stream.close()
+
+
+# Answers in the store tests: 40 tokens, so that a drop falls mid-answer.
+ANSWER_TOKENS = [f"片段{i} " for i in range(40)]
+
+
+def ids(res) -> list[int]:
+    return [int(e.id) for e in res.events if e.id]
+
+
+async def resume_through_503s(url: str, last_id: int, limit: float) -> tuple[object, float]:
+    """GET ``url`` with ``Last-Event-ID`` until it is not 503 ``store_unavailable``; the
+    response and how long the 503s lasted (each answered within the store's deadline)."""
+    began = time.monotonic()
+    while True:
+        asked = time.monotonic()
+        res = await fetch_stream(url, headers={"Last-Event-ID": str(last_id)}, timeout=30)
+        if res.status != 503:
+            return res, time.monotonic() - began
+        assert res.json()["error"]["code"] == "store_unavailable"
+        assert time.monotonic() - asked < 4  # never hangs: the store's 3 s deadline
+        assert time.monotonic() - began < limit, "still 503 after the failover time"
+        await asyncio.sleep(0.2)
+
+
+async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
+    stream = IOStream(socket.socket())
+    await stream.connect(("127.0.0.1", rp.port))
+    await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    data = await stream.read_until(b"id: %d\n" % last_id)
+    stream.close()
+    return data

@@ -16,10 +16,10 @@ from tornado.iostream import IOStream
 
 from relay import redis_store
 from tests.conftest import ASK, create_session, eventually, fetch_stream
-from tests.fakeupstream import answer_frames, hang, start_stream, stream_tokens
+from tests.fakeupstream import after_gate, gated, hang, stream_tokens
 from tests.redisprocs import Cluster
-from tests.test_idempotency import RawStream, error_code, gated, keyed
-from tests.test_redis import TOKENS, read_until_id
+from tests.streams import ANSWER_TOKENS as TOKENS
+from tests.streams import RawStream, error_code, ids, keyed, read_until_id, resume_through_503s
 
 
 @pytest.fixture(scope="session")
@@ -52,41 +52,6 @@ def relays(relay_process, fake, cluster):
 
 def keys(uid: str) -> list[str]:
     return [f"relay:{{{uid}}}:meta", f"relay:{{{uid}}}:events"]
-
-
-def ids(res) -> list[int]:
-    return [int(e.id) for e in res.events if e.id]
-
-
-def after_gate(tokens: list[str], first: int, gate: asyncio.Event, delay: float):
-    """The role chunk and ``first`` tokens; after ``gate``, the rest ``delay`` apart."""
-    frames = answer_frames(tokens)
-
-    async def script(handler, body, key):
-        start_stream(handler)
-        for frame in frames[: first + 1]:
-            await handler.send(frame)
-        await gate.wait()
-        for frame in frames[first + 1 :]:
-            await handler.send(frame)
-            await asyncio.sleep(delay)
-
-    return script
-
-
-async def resume_through_503s(url: str, last_id: int, limit: float) -> tuple[object, float]:
-    """GET ``url`` with ``Last-Event-ID`` until it is not 503 ``store_unavailable``; the
-    response and how long the 503s lasted (each answered within the store's deadline)."""
-    began = time.monotonic()
-    while True:
-        asked = time.monotonic()
-        res = await fetch_stream(url, headers={"Last-Event-ID": str(last_id)}, timeout=30)
-        if res.status != 503:
-            return res, time.monotonic() - began
-        assert res.json()["error"]["code"] == "store_unavailable"
-        assert time.monotonic() - asked < 4  # never hangs: the store's 3 s deadline
-        assert time.monotonic() - began < limit, "still 503 after the failover time"
-        await asyncio.sleep(0.2)
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -33,10 +33,10 @@ from tests.conftest import (
 )
 from tests.fakeupstream import gated, hang, stream_tokens
 from tests.processes import RelayProcess, free_port
-from tests.streams import KEY, RawStream, error_code, keyed
+from tests.streams import ANSWER_TOKENS as TOKENS
+from tests.streams import KEY, RawStream, error_code, keyed, read_until_id
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENS = [f"片段{i} " for i in range(40)]
 
 
 @pytest.fixture
@@ -47,15 +47,6 @@ def relays(relay_process, fake, redis_server):
         return await relay_process(f"--upstream={fake.url}", f"--store={redis_server.url}", *args)
 
     return start
-
-
-async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
-    stream = IOStream(socket.socket())
-    await stream.connect(("127.0.0.1", rp.port))
-    await stream.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-    data = await stream.read_until(b"id: %d\n" % last_id)
-    stream.close()
-    return data
 
 
 @pytest.mark.gen_test(timeout=40)

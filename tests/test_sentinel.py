@@ -9,10 +9,10 @@ import time
 import pytest
 
 from tests.conftest import create_session, fetch_stream
-from tests.fakeupstream import hang, stream_tokens
+from tests.fakeupstream import after_gate, hang, stream_tokens
 from tests.redisprocs import SentinelSet
-from tests.test_cluster import after_gate, ids, resume_through_503s
-from tests.test_redis import TOKENS, read_until_id
+from tests.streams import ANSWER_TOKENS as TOKENS
+from tests.streams import ids, read_until_id, resume_through_503s
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from relay import shared_limits
 from tests.conftest import ASK, create_session, eventually, fetch_stream
 from tests.fakeupstream import hang, stream_tokens
-from tests.test_redis import RedisServer
+from tests.redis_servers import RedisServer
 
 BEARER = {"Authorization": "Bearer t1"}
 
