@@ -46,14 +46,6 @@ class Quota:
     lease: str = ""
 
 
-class Refused(RelayError):
-    """A refusal with the seconds a client should wait before retrying."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: int) -> None:
-        super().__init__(status, code, message)
-        self.retry_after = retry_after
-
-
 class Admission:
     def __init__(
         self,
@@ -75,7 +67,8 @@ class Admission:
 
     async def answer(self, user: str, address: str) -> Quota | None:
         """Admit a new answer for ``user`` at ``address``; return the quota its session
-        counts under (None: uncapped), which `bind` or `release` takes. Raises `Refused`."""
+        counts under (None: uncapped), which `bind` or `release` takes. Raises `RelayError`
+        (with its ``retry_after``)."""
         self._slot()
         quota, cap = None, 0
         if self.per_user:
@@ -116,7 +109,7 @@ class Admission:
             self.shared.release(quota.key, quota.lease)
 
     def reader(self, session: Session) -> None:
-        """Admit one more reader of ``session``. Raises `Refused`."""
+        """Admit one more reader of ``session``. Raises `RelayError` (with its ``retry_after``)."""
         if session.reader_needs_slot():
             self._slot()
 
@@ -126,4 +119,4 @@ class Admission:
 
     def _refuse(self, status: int, code: str, message: str, retry_after: int) -> None:
         self.metrics.refused.labels(code).inc()
-        raise Refused(status, code, message, retry_after)
+        raise RelayError(status, code, message, retry_after)

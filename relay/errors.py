@@ -18,11 +18,22 @@ import ujson
 class RelayError(Exception):
     """A failure with a contract code, an HTTP status and a message safe to show."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: int | None = None
+    ) -> None:
+        """``retry_after``: the seconds a refused client should wait (admission's 429s
+        and 503s say how long)."""
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    def retry_seconds(self) -> int | None:
+        """The ``Retry-After`` of this error's response: its own, else 1 s for a 503."""
+        if self.retry_after is not None:
+            return self.retry_after
+        return 1 if self.status == 503 else None
 
     def body(self) -> bytes:
         """The JSON error document: ``{"error": {"code": ..., "message": ...}}``."""

@@ -19,7 +19,7 @@ from tornado.iostream import StreamClosedError
 
 from relay.chunks import token_counts
 from relay.errors import RelayError
-from relay.handlers import BaseHandler, ascii_decimal, retry_after
+from relay.handlers import BaseHandler, ascii_decimal
 from relay.sessions import Session
 from relay.sse import encode_comment, encode_event, encode_retry
 from relay.writer import SLICE, EventWriter
@@ -154,7 +154,7 @@ class EventStreamHandler(BaseHandler):
                 if self._writer is not None and self._writer.blocked:
                     await self._writer.drain()
                     continue
-                frames = session.read(self, self._after, SLICE)
+                frames = session.take(self, self._after, SLICE)
                 if frames:
                     self._after += len(frames)
                     if pace:
@@ -234,7 +234,7 @@ class EventStreamHandler(BaseHandler):
         session = self._session
         if session is None:  # not reached: _can_push came first
             return True
-        while frames := session.read(self, self._after, SLICE):
+        while frames := session.take(self, self._after, SLICE):
             self._after += len(frames)
             try:
                 if not self._send(frames, len(frames)):
@@ -311,7 +311,7 @@ class SessionStreamHandler(EventStreamHandler):
                 raise RelayError(404, "not_found", "no such session")
             relay.admission.reader(session)
         except RelayError as e:
-            return self.send_relay_error(e, retry_after=retry_after(e))
+            return self.send_relay_error(e, retry_after=e.retry_seconds())
         raw = self.request.headers.get("Last-Event-ID")
         if raw is None:
             raw = self.get_query_argument("lastEventId", None)

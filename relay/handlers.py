@@ -18,7 +18,6 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, SSLIOStream
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
-from relay.admission import Refused
 from relay.ask import MAX_BODY, parse_ask
 from relay.errors import RelayError
 from relay.idempotency import KEY_HEADER, SESSION_HEADER
@@ -254,7 +253,7 @@ class AskHandler(BaseHandler):
                 return None
             session = await self.new_session(user, robot, replayable)
         except RelayError as e:
-            self.send_relay_error(e, retry_after=retry_after(e))
+            self.send_relay_error(e, retry_after=e.retry_seconds())
             return None
         relay.upstream.start(session, payload)
         return session
@@ -309,7 +308,7 @@ class SessionHandler(BaseHandler):
             session.cancel(RelayError(499, "cancelled", "the answer was cancelled by its owner"))
             await self.relay.store.remove(uid)
         except RelayError as e:
-            return self.send_relay_error(e, retry_after=retry_after(e))
+            return self.send_relay_error(e, retry_after=e.retry_seconds())
         self.set_status(204)
 
 
@@ -345,9 +344,3 @@ def ascii_decimal(text: str) -> int | None:
 
 def _too_large() -> RelayError:
     return RelayError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
-
-
-def retry_after(error: RelayError) -> int | None:
-    if isinstance(error, Refused):
-        return error.retry_after
-    return 1 if error.status == 503 else None

@@ -74,12 +74,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from relay.errors import RelayError
 from relay.idempotency import Entry, KeyedAsk, RedisIndex, redis_key
 from relay.sessions import (
-    DONE,
-    FAILED,
-    RUNNING,
     MemoryStore,
     Session,
     SessionLimits,
+    SessionState,
     abandoned,
     not_attached,
 )
@@ -820,14 +818,14 @@ class MirrorSession(Session):
         self.renumber(first - 1 if first is not None else last, last)
         self._task: asyncio.Task[None] | None = None
         state = meta.get(b"state", b"running").decode()
-        if state == FAILED:
+        if state == SessionState.FAILED:
             self.fail(_error_from(meta))
-        elif state == DONE:
-            self.state = DONE
+        elif state == SessionState.DONE:
+            self.state = SessionState.DONE
 
     def subscribe(self, sub: Any, after: int) -> None:
         self.renumber(after)
-        self.state = RUNNING
+        self.state = SessionState.RUNNING
         self.error = None
         super().subscribe(sub, after)
         self._task = self.store._spawn(self._follow(after))
@@ -866,7 +864,7 @@ class MirrorSession(Session):
                 seq, part = _seq(entry_id)
                 if part == 1:
                     self.push_frames(frames)
-                    if fields.get(b"end") == DONE.encode():
+                    if fields.get(b"end") == SessionState.DONE.encode():
                         self.finish()
                     else:
                         self.fail(_error_from(fields))

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from itertools import islice
 from typing import Any, Protocol
 
@@ -35,9 +36,14 @@ from relay.sse import encode_event
 
 log = logging.getLogger("relay.sessions")
 
-RUNNING = "running"
-DONE = "done"
-FAILED = "failed"
+
+class SessionState(StrEnum):
+    """Where an answer is: its upstream call runs, or it ended with ``[DONE]`` or with an
+    error. The values are what the Redis store writes."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +128,7 @@ class Session:
         self.limits = limits
         self.created = time.monotonic()
         self.last_activity = self.created
-        self.state = RUNNING
+        self.state: SessionState = SessionState.RUNNING
         self.error: RelayError | None = None
         self._frames: deque[bytes] = deque()
         self._first_seq = 1  # sequence number of _frames[0]
@@ -153,11 +159,11 @@ class Session:
 
     @property
     def running(self) -> bool:
-        return self.state == RUNNING
+        return self.state == SessionState.RUNNING
 
     def append(self, *texts: str) -> None:
         """Number and keep one event per text; then wake the readers, once."""
-        if self.state != RUNNING or not texts:
+        if self.state != SessionState.RUNNING or not texts:
             return
         seq = self.last_seq
         self.push_frames([encode_event(text, id=seq + i) for i, text in enumerate(texts, 1)])
@@ -185,21 +191,21 @@ class Session:
 
     def finish(self) -> None:
         """The answer is complete (``[DONE]`` was appended)."""
-        if self.state == RUNNING:
-            self.state = DONE
+        if self.state == SessionState.RUNNING:
+            self.state = SessionState.DONE
             self._end()
 
     def fail(self, error: RelayError) -> None:
         """End the session with an error; readers get ``event: error`` after the kept events."""
-        if self.state == RUNNING:
-            self.state = FAILED
+        if self.state == SessionState.RUNNING:
+            self.state = SessionState.FAILED
             self.error = error
             self._error_frame = encode_event(error.body().decode(), event="error")
             self._end()
 
     def cancel(self, error: RelayError | None = None) -> None:
         """Stop the upstream call (if it still runs) and end the session."""
-        if self.state != RUNNING:
+        if self.state != SessionState.RUNNING:
             return
         self.fail(error or RelayError(499, "cancelled", "the answer was cancelled"))
         if self.on_cancel is not None:
@@ -252,7 +258,7 @@ class Session:
     def _reweigh(self) -> None:
         """Bring the ledger's slot count up to date after a reader or the state changed."""
         slots = len(self._subscribers)
-        if not slots and self.runs_call and self.state == RUNNING:
+        if not slots and self.runs_call and self.state == SessionState.RUNNING:
             slots = 1
         self._ledger.slots += slots - self._slots
         self._slots = slots
@@ -260,7 +266,9 @@ class Session:
     def reader_needs_slot(self) -> bool:
         """Whether one more reader adds a slot (the first reader of an answer running
         here takes over the slot its call holds)."""
-        return bool(self._subscribers) or not (self.runs_call and self.state == RUNNING)
+        return bool(self._subscribers) or not (
+            self.runs_call and self.state == SessionState.RUNNING
+        )
 
     def _end(self) -> None:
         self.last_activity = time.monotonic()
@@ -328,11 +336,12 @@ class Session:
         and nothing after it was dropped."""
         return self._first_seq - 1 <= after <= self.last_seq
 
-    def read(self, sub: Subscriber, after: int, limit: int = 1 << 62) -> list[bytes]:
-        """Frames numbered after ``after``, as many as fit in ``limit`` bytes (at least one).
+    def take(self, sub: Subscriber, after: int, limit: int = 1 << 62) -> list[bytes]:
+        """Take the frames numbered after ``after`` for ``sub``, as many as fit in
+        ``limit`` bytes (at least one).
 
-        This moves ``sub``'s place: the frames returned count as taken (a
-        one-shot session drops them), which may release the upstream's
+        Not a plain read: it moves ``sub``'s place, so the frames returned count as
+        taken (a one-shot session drops them), which may release the upstream's
         back-pressure. Raises `RelayError` if frames after ``after`` were dropped.
         """
         if not self.check_cursor(after):

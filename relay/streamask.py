@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from relay.errors import RelayError
 from relay.eventstream import EventStreamHandler
-from relay.handlers import AskHandler, peer_closed, retry_after
+from relay.handlers import AskHandler, peer_closed
 from relay.idempotency import KEY_HEADER, SESSION_HEADER, KeyedAsk, find_or_start, parse_key
 from relay.resume import new_token
 from relay.sessions import Session
@@ -70,7 +70,7 @@ class StreamAskHandler(AskHandler, EventStreamHandler):
             if not new:
                 relay.admission.reader(session)  # a repeat reads: no new answer is charged
         except RelayError as e:
-            return self.send_relay_error(e, retry_after=retry_after(e))
+            return self.send_relay_error(e, retry_after=e.retry_seconds())
         relay.readers.enter(session.uid, self)
         try:
             if new:

@@ -284,7 +284,7 @@ def test_session_keeps_bounded_events_and_reports_trimmed_cursors():
         s.append(f"e{i}")
     assert s.last_seq == 5
     assert not s.check_cursor(1) and s.check_cursor(2) and not s.check_cursor(6)
-    frames = s.read(Reader(), 2)
+    frames = s.take(Reader(), 2)
     assert frames[0] == b"data: e2\nid: 3\n\n" and len(frames) == 3
 
 
@@ -294,8 +294,8 @@ def test_one_shot_session_drops_what_its_reader_took():
     s.subscribe(r, 0)
     s.append("a")
     s.append("b")
-    assert len(s.read(r, 0)) == 2
-    assert s.read(r, 2) == [] and s._kept_bytes == 0
+    assert len(s.take(r, 0)) == 2
+    assert s.take(r, 2) == [] and s._kept_bytes == 0
 
 
 @pytest.mark.gen_test
@@ -307,10 +307,10 @@ async def test_reads_take_a_bounded_slice_and_the_reader_place_moves_by_what_it_
         s.append(f"{i}" * 20)  # frames of 34 or 35 bytes
     room = s.room()
     assert room is not None
-    first = s.read(r, 0, limit=70)
+    first = s.take(r, 0, limit=70)
     assert len(first) == 2 and s.lag() == s.total_bytes - 68 and not room.done()
-    assert len(s.read(r, 2, limit=1)) == 1  # at least one frame, whatever the limit
-    assert len(s.read(r, 3, limit=1 << 20)) == 7 and s.lag() == 0 and room.done()
+    assert len(s.take(r, 2, limit=1)) == 1  # at least one frame, whatever the limit
+    assert len(s.take(r, 3, limit=1 << 20)) == 7 and s.lag() == 0 and room.done()
 
 
 @pytest.mark.gen_test
@@ -323,7 +323,7 @@ async def test_slow_reader_makes_the_upstream_wait():
         s.append("x" * 20)
     room = s.room()
     assert room is not None and not room.done()
-    s.read(r, 0)
+    s.take(r, 0)
     assert room.done()
 
 

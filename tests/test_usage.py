@@ -15,7 +15,7 @@ import time
 import pytest
 
 from relay.robots import Robot
-from relay.sessions import DONE
+from relay.sessions import SessionState
 from relay.upstream import USAGE_WAIT
 from tests.conftest import (
     ASK,
@@ -263,7 +263,7 @@ async def test_usage_then_silence_sends_the_finish_chunk_at_once_and_done_after_
     assert session.running  # the finish chunk (with usage) is out; [DONE] waits
     res = await fetch_stream(f"{relay.url}/aianswer/stream/{uid}")
     assert finish_doc(res)["usage"] == USAGE
-    assert session.state == DONE
+    assert session.state == SessionState.DONE
 
 
 # -- the end of the body after the finish chunk ----------------------------------------------
@@ -305,7 +305,7 @@ async def test_any_end_after_the_finish_chunk_completes_the_answer(make_relay, f
     doc = finish_doc(res)
     assert doc["choices"][0]["finish_reason"] == "length" and doc["usage"] == USAGE
     assert not [e for e in res.events if e.event == "error"]
-    assert session.state == DONE and session.error is None
+    assert session.state == SessionState.DONE and session.error is None
     metrics = await metrics_text(rs)
     assert "relay_upstream_errors_total{" not in metrics, metrics
     assert 'relay_streams_ended_total{reason="done"} 1.0' in metrics
