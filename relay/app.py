@@ -20,10 +20,10 @@ from relay.config import Settings
 from relay.errors import RelayError
 from relay.forwarded import ClientAddress, parse_networks
 from relay.limits import RateLimiter, fit_descriptors, upstream_descriptors
+from relay.memory_store import MemoryStore
 from relay.metrics import Metrics
 from relay.resources import STATIC_DIR
 from relay.resume import Graces, Readers
-from relay.sessions import MemoryStore
 from relay.upstream import Upstream
 
 if TYPE_CHECKING:

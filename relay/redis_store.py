@@ -73,14 +73,8 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from relay.errors import RelayError
 from relay.idempotency import Entry, KeyedAsk, RedisIndex, redis_key
-from relay.sessions import (
-    MemoryStore,
-    Session,
-    SessionLimits,
-    SessionState,
-    abandoned,
-    not_attached,
-)
+from relay.memory_store import MemoryStore, abandoned, not_attached
+from relay.sessions import Session, SessionLimits, SessionState
 from relay.storeurl import StoreURL, parse_store_url
 
 log = logging.getLogger("relay.redis")

@@ -10,7 +10,8 @@ import pytest
 from tornado.iostream import IOStream
 from tornado.simple_httpclient import HTTPStreamClosedError
 
-from relay.sessions import MemoryStore, Session, SessionLimits
+from relay.memory_store import MemoryStore
+from relay.sessions import Session, SessionLimits
 from tests.conftest import ASK, create_session, eventually, fetch_stream
 from tests.fakeupstream import answer_frames, hang, stream_tokens
 
