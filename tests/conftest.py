@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -346,6 +347,8 @@ def open_chat(browser, make_relay, fake):
 def node_modules() -> Path:
     """tests/node/node_modules as the lock file pins it (``npm ci`` when missing or older):
     the Node clients of tests/test_node_clients.py, and axe-core for the page."""
+    # Not a skip: .ci/run installs Debian's nodejs and npm where they are missing.
+    assert shutil.which("node") and shutil.which("npm"), "node and npm are missing (see .ci/run)"
     modules = NODE_DIR / "node_modules"
     lock = NODE_DIR / "package-lock.json"
     if not modules.exists() or modules.stat().st_mtime < lock.stat().st_mtime:

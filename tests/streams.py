@@ -14,6 +14,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from relay.http1 import ResponseHead, ResponseParser
 from relay.sse import ServerSentEvent, SSEParser
 from tests.conftest import ASK, fetch_stream
+from tests.fakeupstream import gated
 from tests.processes import RelayProcess
 
 KEY = "k-0123456789abcdef"
@@ -164,3 +165,19 @@ async def read_until_id(rp: RelayProcess, path: str, last_id: int) -> bytes:
     data = await stream.read_until(b"id: %d\n" % last_id)
     stream.close()
     return data
+
+
+async def keyed_reader_moves_to_b_and_leaves(a: RelayProcess, b: RelayProcess, fake) -> float:
+    """A keyed answer on relay ``a`` (its upstream stops after event 3) is read there, then
+    by a repeat on ``b``, which outlives ``a``'s resume grace (0.5 s) without the answer
+    being cancelled, then leaves too. Returns when it left (``time.monotonic()``)."""
+    fake.script = gated(ANSWER_TOKENS, 3, asyncio.Event(), finish=False)  # then nothing
+    first = await RawStream.open(a.url)
+    await first.until_id(3)
+    first.close()
+    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
+    await second.until_head()
+    await asyncio.sleep(0.8)  # A's grace has passed (nothing to await: nothing happens): B reads it
+    assert not fake.disconnected.is_set()
+    second.close()
+    return time.monotonic()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -26,10 +25,6 @@ TOKENS = [f"t{i} " for i in range(28)] + ["尊敬", "\n"]
 TEXT = "".join(TOKENS)
 N = len(TOKENS) + 2  # numbered events: the tokens, the business node, [DONE]
 CUT_IN = 14
-
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("node") and shutil.which("npm")), reason="no node and npm here"
-)
 
 
 async def run_node(script: str, *args: str, timeout: float = 30) -> list[dict]:

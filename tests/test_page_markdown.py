@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 from tornado.httpserver import HTTPServer
@@ -403,7 +402,6 @@ AXE = """async () => {
 }"""
 
 
-@pytest.mark.skipif(not shutil.which("npm"), reason="no npm here for axe-core")
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_axe_finds_no_serious_violations(make_relay, open_chat, node_modules):
     rs = make_relay(demo_token_delay=0.001)

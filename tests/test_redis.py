@@ -34,7 +34,14 @@ from tests.conftest import (
 from tests.fakeupstream import gated, hang, stream_tokens
 from tests.processes import RelayProcess, free_port
 from tests.streams import ANSWER_TOKENS as TOKENS
-from tests.streams import KEY, RawStream, error_code, keyed, read_until_id
+from tests.streams import (
+    KEY,
+    RawStream,
+    error_code,
+    keyed,
+    keyed_reader_moves_to_b_and_leaves,
+    read_until_id,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -315,16 +322,7 @@ async def test_a_keyed_answer_whose_reader_on_b_left_is_cancelled_on_a_after_the
     relays, fake
 ):
     a, b = await relays("--resume-grace=0.5"), await relays("--resume-grace=0.5")
-    fake.script = gated(TOKENS, 3, asyncio.Event(), finish=False)  # then nothing
-    first = await RawStream.open(a.url)
-    await first.until_id(3)
-    first.close()
-    second = await RawStream.open(b.url, headers={"Last-Event-ID": "3"})
-    await second.until_head()
-    await asyncio.sleep(0.8)  # A's grace has passed: B reads it
-    assert not fake.disconnected.is_set()
-    second.close()
-    left = time.monotonic()
+    left = await keyed_reader_moves_to_b_and_leaves(a, b, fake)
     await asyncio.wait_for(fake.disconnected.wait(), 5)
     assert time.monotonic() - left >= 0.4
     res = await fetch_stream(b.url + "/aianswer/streamAsk", ASK, headers=keyed())
