@@ -627,7 +627,11 @@ class InboxBus(Bus):
         return bool(await self.redis.spublish(inbox(proc), f"{kind} {uid} {arg}"))
 
     async def _open(self) -> Any:
-        await self.redis.initialize()  # the slot map, to find the channel's node
+        # The slot map, to find the channel's node. Again after a failure: the map the client
+        # holds may predate a failover (it refreshes it only when its own commands fail).
+        await asyncio.wait_for(self.redis.initialize(), STORE_TIMEOUT)
+        if self._node:
+            await asyncio.wait_for(self.redis.nodes_manager.initialize(), STORE_TIMEOUT)
         node = self.redis.get_node_from_key(self.channel)
         url = self.store.url
         self._client = aioredis.Redis(

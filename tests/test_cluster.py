@@ -324,7 +324,8 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
             assert time.monotonic() - began < 15, "B never found the new master"
             await asyncio.sleep(0.2)
         assert res.status == 204
-        await asyncio.wait_for(fake.disconnected.wait(), 15)
+        # B sends the cancel again until A's listener is back (MESSAGE_RETRY, 10 s).
+        await asyncio.wait_for(fake.disconnected.wait(), redis_store.MESSAGE_RETRY + 5)
         # And new sessions on that slot's new master work, from either relay.
         fake.script = stream_tokens(["y"])
         for rp in (a, b):
@@ -391,3 +392,34 @@ async def test_cluster_a_message_nobody_hears_is_sent_again_then_dropped(
         assert sum(published) >= 3 and sorted(published)[-2] == 0  # again, to one node only
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_cluster_quiet_relays_inbox_master_fails_and_its_listener_finds_the_new_one(
+    relay_process, fake, tmp_path
+):
+    """redis-py refreshes a cluster client's slot map only when one of the client's own
+    commands fails, and a relay whose sessions live on other nodes sends none to the node
+    of its inbox: its listener must find the new master of that slot by itself."""
+    cluster = Cluster(tmp_path, replicas=1)
+    cluster.start()
+    try:
+        start = relays_on(relay_process, fake, cluster.url)
+        a, b = await start(), await start()
+        fake.script = hang(60)
+        meta = keys((await create_session(a))["uid"])[0]
+        proc = cluster.master_of(meta).client().hget(meta, "proc").decode()
+        inbox_master = cluster.master_of(redis_store.inbox(proc))
+        for _ in range(40):  # a session of A's on another node than A's inbox
+            created = await create_session(a)
+            if cluster.master_of(keys(created["uid"])[0]) is not inbox_master:
+                break
+        assert cluster.master_of(keys(created["uid"])[0]) is not inbox_master
+        inbox_master.kill()
+        cluster.wait_ok()  # its replica is the master now
+        fake.disconnected.clear()
+        res = await fetch_stream(f"{b.url}/aianswer/sessions/{created['uid']}", method="DELETE")
+        assert res.status == 204
+        await asyncio.wait_for(fake.disconnected.wait(), 10)  # within MESSAGE_RETRY
+    finally:
+        cluster.stop()
