@@ -240,7 +240,7 @@ class Session:
     def renumber(self, after: int, last: int | None = None) -> None:
         """Drop every kept event; the next one kept is ``after + 1``, and ``last_seq`` is
         ``last`` (``after`` when None). For a session whose events are written elsewhere
-        (`relay.redis_store.MirrorSession`): it reports the remote numbers before it holds
+        (`relay.redis_mirror.MirrorSession`): it reports the remote numbers before it holds
         any event, and restarts at a reader's cursor."""
         self._keep(-self._kept_bytes)
         self._frames.clear()

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from relay.redis_store import STORE_ERRORS
+from relay.redis_client import STORE_ERRORS
 
 if TYPE_CHECKING:
     from relay.sessions import Session

@@ -14,7 +14,7 @@ import time
 import pytest
 from tornado.iostream import IOStream
 
-from relay import redis_store
+from relay import redis_bus, redis_store
 from tests.conftest import ASK, create_session, eventually, fetch_stream
 from tests.fakeupstream import after_gate, gated, hang, stream_tokens
 from tests.redisprocs import Cluster
@@ -308,7 +308,7 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
         fake.disconnected.clear()
         meta = keys((await create_session(a))["uid"])[0]
         proc = cluster.master_of(meta).client().hget(meta, "proc").decode()
-        inbox_master = cluster.master_of(redis_store.inbox(proc))
+        inbox_master = cluster.master_of(redis_bus.inbox(proc))
         for _ in range(40):
             created = await create_session(a)
             if cluster.master_of(keys(created["uid"])[0]) is inbox_master:
@@ -325,7 +325,7 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
             await asyncio.sleep(0.2)
         assert res.status == 204
         # B sends the cancel again until A's listener is back (MESSAGE_RETRY, 10 s).
-        await asyncio.wait_for(fake.disconnected.wait(), redis_store.MESSAGE_RETRY + 5)
+        await asyncio.wait_for(fake.disconnected.wait(), redis_bus.MESSAGE_RETRY + 5)
         # And new sessions on that slot's new master work, from either relay.
         fake.script = stream_tokens(["y"])
         for rp in (a, b):
@@ -362,7 +362,7 @@ async def test_cluster_a_relays_inbox_follows_its_slot_to_another_master(relays,
     fake.script = hang(60)
     created = await create_session(a)
     meta = keys(created["uid"])[0]
-    channel = redis_store.inbox(cluster.master_of(meta).client().hget(meta, "proc").decode())
+    channel = redis_bus.inbox(cluster.master_of(meta).client().hget(meta, "proc").decode())
     source = cluster.master_of(channel)
     target = next(n for n in cluster.masters() if n is not source)
     slot = source.client().execute_command("CLUSTER KEYSLOT", channel)
@@ -381,7 +381,7 @@ async def test_cluster_a_relays_inbox_follows_its_slot_to_another_master(relays,
 async def test_cluster_a_message_nobody_hears_is_sent_again_then_dropped(
     cluster, monkeypatch, caplog
 ):
-    monkeypatch.setattr(redis_store, "MESSAGE_RETRY", 0.6)
+    monkeypatch.setattr(redis_bus, "MESSAGE_RETRY", 0.6)
     store = redis_store.RedisStore(cluster.url, 300)
     try:
         before = cluster.commandstats()
@@ -409,7 +409,7 @@ async def test_cluster_quiet_relays_inbox_master_fails_and_its_listener_finds_th
         fake.script = hang(60)
         meta = keys((await create_session(a))["uid"])[0]
         proc = cluster.master_of(meta).client().hget(meta, "proc").decode()
-        inbox_master = cluster.master_of(redis_store.inbox(proc))
+        inbox_master = cluster.master_of(redis_bus.inbox(proc))
         for _ in range(40):  # a session of A's on another node than A's inbox
             created = await create_session(a)
             if cluster.master_of(keys(created["uid"])[0]) is not inbox_master:
