@@ -234,7 +234,12 @@ class EventStreamHandler(BaseHandler):
         session = self._session
         if session is None:  # not reached: _can_push came first
             return True
-        while frames := session.take(self, self._after, SLICE):
+        # Compared first: a take that finds nothing still costs a call, a cursor check
+        # and a slice (a lone event would pay it every time).
+        while self._after < session.last_seq:
+            frames = session.take(self, self._after, SLICE)
+            if not frames:  # not reached while the session keeps its invariants
+                break
             self._after += len(frames)
             try:
                 if not self._send(frames, len(frames)):

@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any
 
@@ -207,22 +207,58 @@ class StreamingHTTPClient(AsyncHTTPClient):
         reader.start()
 
 
+# Headers this client writes itself, whatever the request says (Connection only to close).
+_FRAMING = frozenset({"Accept-Encoding", "Content-Length"})
+_FRAMING_CLOSE = _FRAMING | {"Connection"}
+
+
 def _request_bytes(request: Any, parsed: urllib.parse.SplitResult, keep: bool) -> bytes:
     path = parsed.path or "/"
     if parsed.query:
         path += "?" + parsed.query
-    headers = HTTPHeaders(request.headers)
-    headers.setdefault("Host", parsed.netloc.rpartition("@")[2])
+    # `AsyncHTTPClient.fetch` made ``request.headers`` the request's own `HTTPHeaders`
+    # (names normalised): written as they are, no second copy.
+    headers = request.headers
+    framing = _FRAMING if keep else _FRAMING_CLOSE
+    lines = [f"{request.method} {path} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in headers.get_all() if name not in framing]
+    if "Host" not in headers:
+        lines.append(f"Host: {parsed.netloc.rpartition('@')[2]}")
     if not keep:
-        headers["Connection"] = "close"
-    headers["Accept-Encoding"] = "identity"
+        lines.append("Connection: close")
+    lines.append("Accept-Encoding: identity")
     body = request.body or b""
     if body or request.method in ("POST", "PUT", "PATCH"):
-        headers["Content-Length"] = str(len(body))
-    lines = [f"{request.method} {path} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers.get_all()]
+        lines.append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head + body
+
+
+class _Response(HTTPResponse):
+    """An `HTTPResponse` whose headers are parsed from the head's lines when first read:
+    a streaming caller seldom reads them (it had the parsed head from ``head_callback``),
+    and every call ends with a response."""
+
+    def __init__(self, lines: Sequence[str], *args: Any, **kwargs: Any) -> None:
+        self._lines = lines
+        self._headers: HTTPHeaders | None = None
+        kwargs["headers"] = _UNPARSED
+        super().__init__(*args, **kwargs)
+
+    @property
+    def headers(self) -> HTTPHeaders:
+        if self._headers is None:
+            self._headers = HTTPHeaders()
+            for line in self._lines:
+                self._headers.parse_line(line)
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: HTTPHeaders) -> None:
+        self._headers = None if value is _UNPARSED else value
+
+
+_UNPARSED = HTTPHeaders()  # the headers `_Response` passes to Tornado's constructor
 
 
 # Seconds a released response may take to end before its connection is dropped.
@@ -234,6 +270,7 @@ class _ResponseReader(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_on_body",
         "_connecting",
         "_origin",
         "_parser",
@@ -271,7 +308,9 @@ class _ResponseReader(asyncio.Protocol):
         self.code = 0
         self.reason = ""
         self._parser = ResponseParser()
-        self._body: bytearray | None = None if request.streaming_callback else bytearray()
+        # Read once: ``request`` is Tornado's proxy for its defaults, a lookup per read.
+        self._on_body: Callable[[bytes], Any] | None = request.streaming_callback
+        self._body: bytearray | None = None if self._on_body else bytearray()
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._reused = False  # on a pooled connection, and nothing received yet
@@ -386,9 +425,9 @@ class _ResponseReader(asyncio.Protocol):
         if self._body is not None:
             self._body += body
             return
-        if self._released:
+        if self._released or self._on_body is None:
             return
-        result = self.request.streaming_callback(body)
+        result = self._on_body(body)
         if result is not None:
             future = result if asyncio.isfuture(result) else asyncio.ensure_future(result)
             if not future.done():
@@ -443,16 +482,12 @@ class _ResponseReader(asyncio.Protocol):
             self.done.set_result(response)
 
     def response(self, error: BaseException | None) -> HTTPResponse:
-        # Headers are parsed only now: a stream keeps its raw head lines, not both.
-        headers = HTTPHeaders()
-        if self._parser.head is not None:
-            for line in self._parser.head.lines[1:]:
-                headers.parse_line(line)
-        return HTTPResponse(
+        head = self._parser.head
+        return _Response(
+            head.lines[1:] if head is not None else (),
             self.request,
             599 if error is not None else self.code,
             reason=self.reason or None,
-            headers=headers,
             buffer=BytesIO(self._body) if self._body is not None else None,
             effective_url=self.request.url,
             error=error,

@@ -91,6 +91,38 @@ async def test_chunked_body_split_anywhere_arrives_exact(piece):
 
 
 @pytest.mark.gen_test
+async def test_request_head_keeps_the_callers_headers_and_writes_its_own_framing():
+    async def script(reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    server = RawServer(script)
+    headers = {
+        "Authorization": "Bearer k",
+        "X-Trace": "a",
+        "content-length": "999",  # any case: the client counts the body itself
+        "Accept-Encoding": "gzip",
+        "Connection": "keep-alive",
+    }
+    response, _, _ = await fetch(await server.start(), headers=headers)
+    assert response.code == 200
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+    assert sorted(lines[1:]) == sorted(
+        [
+            "Authorization: Bearer k",
+            "X-Trace: a",
+            f"Host: 127.0.0.1:{server.server.sockets[0].getsockname()[1]}",
+            "Connection: close",  # no keep-alive on this client: its own value wins
+            "Accept-Encoding: identity",
+            "Content-Length: 8",
+        ]
+    )
+    assert body == b'{"q": 1}'
+
+
+@pytest.mark.gen_test
 async def test_head_callback_gets_the_parsed_head_once_before_the_body():
     seen: list[object] = []
 

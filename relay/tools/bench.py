@@ -90,6 +90,17 @@ SCENARIOS = {
             1,
             targets=("relay",),
         ),
+        Scenario(
+            "j",
+            "churn: 3,000 streams of 25 tokens at 5 tokens/s, each replaced as it ends",
+            3000,
+            25,
+            200,
+            30,
+            5,
+            targets=("nginx", "relay"),
+            processes=2,
+        ),
         Scenario("g", "time to first token added: 100 streams at 50 tokens/s", 100, 200, 20, 15, 3),
         Scenario(
             "h",
@@ -552,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m relay.tools.bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--scenarios", default="a,b,c,d,e,f,g", help="comma-separated keys")
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f,g,j", help="comma-separated keys")
     parser.add_argument("--runs", type=int, default=3, help="runs per target; medians reported")
     parser.add_argument("--targets", default="", help="only these targets (comma-separated)")
     parser.add_argument("--json", help="write all results as JSON here")
