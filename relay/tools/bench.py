@@ -12,12 +12,18 @@ tokens/s, for the time to first token the relay adds when it is not busy; h) sce
 load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow-body connections
 and 100 session POSTs a second that nobody reads); i) the session flow (POST, GET, DELETE) on
 --workers=2 with one Redis, and with a three-master Redis Cluster, with the Redis commands and
-Redis CPU per relayed event.
+Redis CPU per relayed event; j) churn: 3,000 streams of 25 tokens at 5 tokens/s, each replaced
+by a new one as it ends (about 600 new streams a second), beside nginx.
 
-Targets are each run in a fresh process: the fake upstream (always), then for each target in
-turn nginx (Debian's, one worker, ``proxy_buffering off``) or the relay; the load tester runs
-in its own processes. CPU per event is what survives a noisy machine: it is read from
-/proc for the target's processes only. Everything listens on 127.0.0.1.
+Before and after a change, on one machine in one sitting: ``--baseline=DIR`` adds a target
+``baseline``, the relay run from the source tree DIR (for example ``git worktree add
+/tmp/before <commit>``), to every scenario that has ``relay``.
+
+Targets are each run in a fresh process: the fake upstream (always), then for each run, each
+target in turn (so slow drift of a shared machine falls on all of them alike): nginx (Debian's,
+one worker, ``proxy_buffering off``) or the relay; the load tester runs in its own processes.
+CPU per event is what survives a noisy machine: it is read from /proc for the target's
+processes only. Everything listens on 127.0.0.1.
 
 Every process comes from the installed package (the relay is ``python -m relay``; in a
 checkout, ``pip install -e .``), so the bench runs from any working directory.
@@ -292,14 +298,15 @@ def start_fake(tokens: int, interval_ms: int, workdir: Path) -> tuple[subprocess
     return proc, url
 
 
-def start_target(name: str, upstream: str, workdir: Path) -> Target:
+def start_target(name: str, upstream: str, workdir: Path, baseline: Path | None = None) -> Target:
     """``upstream`` (the fake itself), ``nginx``, or a relay (``relay``, ``relay-workers2``,
-    ``relay-attacked``) in front of the fake at ``upstream``; ready to load."""
+    ``relay-attacked``, ``baseline``: the relay from the source tree ``baseline``) in front
+    of the fake at ``upstream``; ready to load."""
     if name == "upstream":
         return Target(name, upstream, "upstream")
     if name == "nginx":
         return start_nginx(upstream, workdir)
-    return start_relay(name, upstream, workdir)
+    return start_relay(name, upstream, workdir, baseline if name == "baseline" else None)
 
 
 def nginx_conf(upstream: str, port: int, workdir: Path) -> str:
@@ -329,10 +336,11 @@ def start_nginx(upstream: str, workdir: Path) -> Target:
     return Target("nginx", url, "upstream", [proc])
 
 
-def start_relay(name: str, upstream: str, workdir: Path) -> Target:
+def start_relay(name: str, upstream: str, workdir: Path, source: Path | None = None) -> Target:
     """The relay (``python -m relay``) with default flags but ``--max-streams``;
     ``relay-workers2`` and ``relay-redis``: two workers sharing a Redis of their own,
-    ``relay-cluster``: the same on a three-master Redis Cluster."""
+    ``relay-cluster``: the same on a three-master Redis Cluster. With ``source``, the
+    ``relay`` package comes from that source tree instead of the installed one."""
     port = free_port()
     args = [PY, "-m", "relay", f"--port={port}", f"--upstream={upstream}", "--max-streams=20000"]
     redis = None
@@ -340,6 +348,8 @@ def start_relay(name: str, upstream: str, workdir: Path) -> Target:
         redis = start_redis(workdir, cluster=name == "relay-cluster")
         args += ["--workers=2", f"--store={redis.url}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     proc = subprocess.Popen(args, cwd=workdir, env=env, stderr=(workdir / f"{name}.log").open("w"))
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/healthz")
@@ -475,36 +485,44 @@ def bench(
     workdir: Path,
     only: Sequence[str] = (),
     streams: int = 0,
+    baseline: Path | None = None,
 ) -> dict:
-    """Run ``scenarios``; ``streams`` (when not 0) replaces each one's stream count."""
+    """Run ``scenarios``; ``streams`` (when not 0) replaces each one's stream count;
+    ``baseline``: a source tree whose relay runs beside ``relay`` as target ``baseline``."""
     results: dict = {}
     for key in scenarios:
         sc = SCENARIOS[key]
         if streams:
             sc = dataclasses.replace(sc, streams=streams)
-        for name in sc.targets:
-            if only and name not in only:
-                continue
-            if (
-                name == "nginx"
-                and not shutil.which("nginx")
-                and not Path("/usr/sbin/nginx").exists()
-            ):
-                continue
-            samples = []
-            for i in range(runs):
+        names = [n for n in _targets(sc, baseline) if not only or n in only]
+        samples: dict[str, list[dict]] = {name: [] for name in names}
+        for i in range(runs):
+            for name in names:
                 fake, upstream = start_fake(sc.tokens, sc.interval_ms, workdir)
-                target = start_target(name, upstream, workdir)
+                target = start_target(name, upstream, workdir, baseline)
                 try:
                     time.sleep(1)
-                    samples.append(run_once(sc, target, workdir))
+                    samples[name].append(run_once(sc, target, workdir))
                 finally:
                     target.stop()
                     fake.send_signal(signal.SIGTERM)
                     fake.wait(10)
-                print(f"{key} {name} run {i + 1}: {json.dumps(samples[-1])}", file=sys.stderr)
-            results.setdefault(key, {})[name] = median_of(samples)
+                print(f"{key} {name} run {i + 1}: {json.dumps(samples[name][-1])}", file=sys.stderr)
+        for name in names:
+            results.setdefault(key, {})[name] = median_of(samples[name])
     return results
+
+
+def _targets(sc: Scenario, baseline: Path | None) -> list[str]:
+    """The scenario's targets that can run here, with ``baseline`` after ``relay``."""
+    names = [n for n in sc.targets if n != "nginx" or _has_nginx()]
+    if baseline is not None and "relay" in names:
+        names.insert(names.index("relay") + 1, "baseline")
+    return names
+
+
+def _has_nginx() -> bool:
+    return bool(shutil.which("nginx")) or Path("/usr/sbin/nginx").exists()
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -534,6 +552,10 @@ def markdown(results: dict) -> str:
         if nginx and relay and nginx["cpu_us_per_event"] and relay["cpu_us_per_event"]:
             ratio = relay["cpu_us_per_event"] / nginx["cpu_us_per_event"]
             lines += ["", f"Relay CPU per event: {ratio:.2f}x nginx's."]
+        before = by_target.get("baseline")
+        if before and relay and before["cpu_us_per_event"] and relay["cpu_us_per_event"]:
+            ratio = relay["cpu_us_per_event"] / before["cpu_us_per_event"]
+            lines += ["", f"Relay CPU per event: {ratio:.2f}x the baseline's."]
         if relay and relay.get("health_max_ms") is not None:
             note = (
                 f"Relay /healthz under load: at most {relay['health_max_ms']:.0f} ms; "
@@ -571,10 +593,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--streams", type=int, default=0, help="streams per scenario instead of its own (0)"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree (e.g. a git worktree of an older commit) whose relay runs "
+        "beside the installed one as target 'baseline'",
+    )
     args = parser.parse_args(argv)
+    if args.baseline is not None and not (args.baseline / "relay" / "__main__.py").exists():
+        parser.error(f"--baseline: no relay package in {args.baseline}")
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         only = [t for t in args.targets.split(",") if t]
-        results = bench(args.scenarios.split(","), args.runs, Path(tmp), only, args.streams)
+        baseline = args.baseline.resolve() if args.baseline is not None else None
+        results = bench(
+            args.scenarios.split(","), args.runs, Path(tmp), only, args.streams, baseline
+        )
     text = markdown(results)
     print(text)
     if args.out:
