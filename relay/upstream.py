@@ -44,12 +44,13 @@ from relay.chunks import ChunkRules, error_message, token_counts
 from relay.config import Settings
 from relay.errors import RelayError, detached, redact
 from relay.http1 import ResponseHead
-from relay.httpclient import CancelHandle, StreamingHTTPClient, StreamingRequest
+from relay.httpclient import CancelHandle, StreamingHTTPClient
 from relay.keys import KeyPool
 from relay.metrics import Metrics
 from relay.robots import Robot
 from relay.sessions import Session
 from relay.sse import LineTooLong, SSEParser
+from relay.streaming_request import StreamingRequest
 
 log = logging.getLogger("relay.upstream")
 

@@ -11,12 +11,8 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 from relay import httpclient
 from relay.http1 import ResponseHead
-from relay.httpclient import (
-    CancelHandle,
-    StreamingHTTPClient,
-    StreamingRequest,
-    UpstreamCancelled,
-)
+from relay.httpclient import CancelHandle, StreamingHTTPClient, UpstreamCancelled
+from relay.streaming_request import StreamingRequest
 from tests.conftest import chunked, eventually
 from tests.processes import free_port
 

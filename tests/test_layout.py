@@ -88,3 +88,22 @@ def test_every_documented_python_m_command_runs_a_module():
         assert spec is not None, f"python -m {name}: no such module"
         if spec.submodule_search_locations is not None:  # a package runs its __main__
             assert importlib.util.find_spec(f"{name}.__main__"), f"python -m {name}: no __main__"
+
+
+def test_the_readme_layout_names_every_module_and_none_is_too_long():
+    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    modules = [p for p in RELAY.rglob("*.py") if p.name != "__init__.py"]
+    unnamed = [
+        str(p.relative_to(ROOT))
+        for p in modules
+        if str(p.relative_to(ROOT)) not in layout and f" {p.name} " not in layout
+    ]
+    assert not unnamed, f"README's Layout does not name {unnamed}"
+    # A module a newcomer can read at one sitting (issue 16); the tools are not the product.
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for p in modules
+        if not p.is_relative_to(TOOLS)
+        and (n := len(p.read_text(encoding="utf-8").splitlines())) > 450
+    ]
+    assert not long, long

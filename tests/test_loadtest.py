@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.httpclient import StreamingHTTPClient, StreamingRequest
+from relay.httpclient import StreamingHTTPClient
 from relay.sse import SSEParser
+from relay.streaming_request import StreamingRequest
 from relay.tools import fakeupstream, loadtest
 from relay.tools.fakeupstream import Answer, FakeUpstream, expected_text
 from relay.tools.loadtest import Histogram, LoadConfig
