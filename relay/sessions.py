@@ -356,6 +356,12 @@ class Session:
                 break
             frames.append(frame)
             taken += len(frame)
+        if not self.replayable:
+            # Its one reader has them now: let go at once, not at the next take, which
+            # a reader whose cursor is at the end never makes (relay.eventstream).
+            for _ in frames:
+                self._keep(-len(self._frames.popleft()))
+            self._first_seq += len(frames)
         if taken and sub in self._subscribers:
             self._subscribers[sub] += taken
             if self._room is not None and self.lag() <= self.limits.high_water // 2:

@@ -13,7 +13,8 @@ load on the relay alone and again under attack (`relay.tools.attack`: 2,000 slow
 and 100 session POSTs a second that nobody reads); i) the session flow (POST, GET, DELETE) on
 --workers=2 with one Redis, and with a three-master Redis Cluster, with the Redis commands and
 Redis CPU per relayed event; j) churn: 3,000 streams of 25 tokens at 5 tokens/s, each replaced
-by a new one as it ends (about 600 new streams a second), beside nginx.
+by a new one as it ends (about 600 new streams a second), beside nginx, and on --workers=2
+with Redis.
 
 Before and after a change, on one machine in one sitting: ``--baseline=DIR`` adds a target
 ``baseline``, the relay run from the source tree DIR (for example ``git worktree add
@@ -104,7 +105,7 @@ SCENARIOS = {
             200,
             30,
             5,
-            targets=("nginx", "relay"),
+            targets=("nginx", "relay", "relay-workers2"),
             processes=2,
         ),
         Scenario("g", "time to first token added: 100 streams at 50 tokens/s", 100, 200, 20, 15, 3),
