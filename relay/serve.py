@@ -178,7 +178,7 @@ NO_AUTOMATIC_FULL = 1 << 30
 # Young collections every 20,000 net allocations instead of CPython's 700: objects of a
 # stream mostly die by reference count within a few hundred allocations, and fewer young
 # passes promote fewer of them to be scanned again. -3.5% CPU per event under churn
-# (docs/benchmarks.md, j); 100,000 paid no more.
+# (docs/perf-changelog.md); 100,000 paid no more.
 YOUNG = 20_000
 
 

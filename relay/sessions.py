@@ -345,10 +345,6 @@ class Session:
         """
         if not self.check_cursor(after):
             raise RelayError(409, "bad_last_event_id", "events after that id are no longer kept")
-        if not self.replayable:
-            while self._first_seq <= after:
-                self._keep(-len(self._frames.popleft()))
-                self._first_seq += 1
         frames: list[bytes] = []
         taken = 0
         for frame in islice(self._frames, max(0, after - self._first_seq + 1), None):
@@ -358,7 +354,8 @@ class Session:
             taken += len(frame)
         if not self.replayable:
             # Its one reader has them now: let go at once, not at the next take, which
-            # a reader whose cursor is at the end never makes (relay.eventstream).
+            # a reader whose cursor is at the end never makes (relay.eventstream). So its
+            # cursor is always just before the first frame kept, and these are the first.
             for _ in frames:
                 self._keep(-len(self._frames.popleft()))
             self._first_seq += len(frames)

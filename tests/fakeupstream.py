@@ -146,9 +146,15 @@ def hang(seconds: float) -> Script:
     return script
 
 
-def gated(tokens: Sequence[str], first: int, gate: asyncio.Event, finish: bool = True) -> Script:
-    """The role chunk and ``first`` tokens, then (after ``gate``) the rest; without
-    ``finish`` it then hangs instead of finishing."""
+def gated(
+    tokens: Sequence[str],
+    first: int,
+    gate: asyncio.Event,
+    finish: bool = True,
+    delay: float = 0.0,
+) -> Script:
+    """The role chunk and ``first`` tokens, then (after ``gate``) the rest, ``delay``
+    seconds apart; without ``finish`` it then hangs instead of finishing."""
     frames = answer_frames(tokens, finish)
 
     async def script(handler: CompletionsHandler, body: dict, key: str | None) -> None:
@@ -158,6 +164,8 @@ def gated(tokens: Sequence[str], first: int, gate: asyncio.Event, finish: bool =
         await gate.wait()
         for frame in frames[first + 1 :]:
             await handler.send(frame)
+            if delay:
+                await asyncio.sleep(delay)
         if not finish:
             await asyncio.sleep(30)
 
@@ -252,19 +260,3 @@ class ReplayUpstream(TCPServer):
                 await asyncio.sleep(0)
         if self.chunked:
             await stream.write(b"0\r\n\r\n")
-
-
-def after_gate(tokens: list[str], first: int, gate: asyncio.Event, delay: float):
-    """The role chunk and ``first`` tokens; after ``gate``, the rest ``delay`` apart."""
-    frames = answer_frames(tokens)
-
-    async def script(handler, body, key):
-        start_stream(handler)
-        for frame in frames[: first + 1]:
-            await handler.send(frame)
-        await gate.wait()
-        for frame in frames[first + 1 :]:
-            await handler.send(frame)
-            await asyncio.sleep(delay)
-
-    return script

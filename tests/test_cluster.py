@@ -16,7 +16,7 @@ from tornado.iostream import IOStream
 
 from relay import redis_bus, redis_store
 from tests.conftest import ASK, create_session, eventually, fetch_stream
-from tests.fakeupstream import after_gate, gated, hang, stream_tokens
+from tests.fakeupstream import gated, hang, stream_tokens
 from tests.redisprocs import Cluster
 from tests.streams import ANSWER_TOKENS as TOKENS
 from tests.streams import (
@@ -282,7 +282,7 @@ async def test_cluster_master_killed_mid_answer_its_replica_takes_over_and_reade
         start = relays_on(relay_process, fake, cluster.url)
         a, b = await start(), await start()
         gate = asyncio.Event()
-        fake.script = after_gate(TOKENS, 10, gate, delay=0.05)  # the rest over ~2 s
+        fake.script = gated(TOKENS, 10, gate, delay=0.05)  # the rest over ~2 s
         created = await create_session(a)
         follower = asyncio.ensure_future(fetch_stream(b.url + created["streamUrl"], timeout=60))
         await read_until_id(b, created["streamUrl"], 10)  # 10 tokens, then a drop

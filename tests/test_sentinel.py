@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import create_session, fetch_stream
-from tests.fakeupstream import after_gate, hang, stream_tokens
+from tests.fakeupstream import gated, hang, stream_tokens
 from tests.redisprocs import SentinelSet
 from tests.streams import ANSWER_TOKENS as TOKENS
 from tests.streams import ids, read_until_id, resume_through_503s
@@ -33,7 +33,7 @@ async def test_sentinel_master_killed_mid_answer_relays_follow_the_new_master(
     created = await create_session(a)
     assert (await fetch_stream(b.url + created["streamUrl"])).text() == "".join(TOKENS)
     gate = asyncio.Event()
-    fake.script = after_gate(TOKENS, 10, gate, delay=0.05)
+    fake.script = gated(TOKENS, 10, gate, delay=0.05)
     created = await create_session(a)
     follower = asyncio.ensure_future(fetch_stream(b.url + created["streamUrl"], timeout=60))
     await read_until_id(b, created["streamUrl"], 10)
