@@ -1,14 +1,16 @@
 """The relay's HTTP server: connection budget, shedding, accept pauses, request timeouts.
 
-`make_http_server` builds it, for ``relay/serve.py`` and the tests alike. Over
-Tornado's `HTTPServer` it adds:
+`make_http_server` builds it, for ``relay/serve.py`` and the tests alike. Each
+accepted socket is a `relay.http1server.ServerConnection` (our HTTP/1.1 protocol
+in front of the Tornado application; Tornado's own server costs several times
+as much per connection). The server adds:
 
-- Bounded bodies: Tornado's default limit (100 MB, held in memory by every
-  handler that does not stream its body) becomes `SMALL_BODY` server-wide; the
-  POST routes raise their own limit from ``prepare()``. A larger
-  ``Content-Length`` anywhere else gets Tornado's bare ``400 Bad Request`` and a
-  close, before any of the body is read (a handler that does not stream its
-  body is not called before the body is in).
+- Bounded bodies: `SMALL_BODY` server-wide (Tornado's default is 100 MB, held
+  in memory by every handler that does not stream its body); the POST routes
+  raise their own limit from ``prepare()``. A larger ``Content-Length`` anywhere
+  else gets a bare ``400 Bad Request`` and a close, before any of the body is
+  read (a handler that does not stream its body is not called before the body
+  is in).
 - A connection budget (`relay.limits.connection_budget`): the descriptor limit
   less a reserve and the upstream descriptors of every allowed stream (two with
   the embedded demo: the relay's socket and the demo server's end). A connection
@@ -37,9 +39,6 @@ Caveats:
 
 - The tick runs every quarter of the shortest of the three timeouts, at most
   once a second and at least 50 ms apart: a timeout fires up to that late.
-- The first byte of a kept-alive connection's next request is seen in the
-  IOStream's read buffer through Tornado's private ``IOStream._read_buffer_size``
-  (pinned by a test in tests/test_attack_connections.py).
 - The 503 refusal is one non-blocking send and an immediate close: a client
   whose request arrives after the close may see a reset instead.
 - The budget counts descriptors only; with a high limit, memory is the bound.
@@ -48,24 +47,22 @@ Caveats:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from tornado import httputil
-from tornado.http1connection import HTTP1ServerConnection
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
-from tornado.iostream import IOStream
 from tornado.web import Application
 
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.http1server import ServerConnection
 from relay.limits import connection_budget, upstream_descriptors
 from relay.metrics import Metrics
 
@@ -76,9 +73,6 @@ log = logging.getLogger("relay.connections")
 
 # The body bound of every route that does not set its own.
 SMALL_BODY = 8 << 10
-# Per-connection read buffer: room for Tornado's 64 KiB header bound plus one
-# 64 KiB read (Tornado's default is 100 MB).
-MAX_BUFFER = 256 << 10
 # Connections accepted per readable event (Tornado's default backlog, as its own handler).
 ACCEPT_BATCH = 128
 FIRST_PAUSE, LONGEST_PAUSE = 0.1, 1.0
@@ -119,56 +113,13 @@ def _canned_503() -> bytes:
 AT_CAPACITY = _canned_503()
 
 
-class _Conn:
-    """One client connection: what it is doing, since when, how many requests it began."""
+class ConnectionServer:
+    """Accepts for itself (pausing when out of descriptors), keeps connections
+    (`relay.http1server.ServerConnection`) within a budget and times out slow or
+    idle requests."""
 
-    __slots__ = ("requests", "since", "state", "stream")
-
-    def __init__(self, stream: IOStream, now: float) -> None:
-        self.stream = stream
-        self.state = HEADERS
-        self.since = now
-        self.requests = 0
-
-
-class _Watch(httputil.HTTPMessageDelegate):
-    """Passes a request on to the application, telling the server when its headers
-    are in (the body comes next) and when all of it is (the connection is busy)."""
-
-    def __init__(
-        self, server: ConnectionServer, conn: _Conn, inner: httputil.HTTPMessageDelegate
-    ) -> None:
-        self.server = server
-        self.conn = conn
-        self.inner = inner
-
-    def headers_received(
-        self,
-        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-        headers: httputil.HTTPHeaders,
-    ) -> Awaitable[None] | None:
-        self.server.reading_body(self.conn)
-        return self.inner.headers_received(start_line, headers)
-
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        return self.inner.data_received(chunk)
-
-    def finish(self) -> None:
-        self.server.busy(self.conn)
-        self.inner.finish()
-
-    def on_connection_close(self) -> None:
-        self.inner.on_connection_close()
-
-
-class ConnectionServer(HTTPServer):
-    """An `HTTPServer` that accepts for itself (pausing when out of descriptors),
-    keeps connections within a budget and times out slow or idle requests."""
-
-    def initialize(  # type: ignore[override]
-        self, app: Application, settings: Settings, metrics: Metrics, budget: int
-    ) -> None:
-        super().initialize(app, max_body_size=SMALL_BODY, max_buffer_size=MAX_BUFFER)
+    def __init__(self, app: Application, settings: Settings, metrics: Metrics, budget: int) -> None:
+        self.app = app
         self.budget = budget
         self.metrics = metrics
         self._timeouts = {
@@ -176,9 +127,9 @@ class ConnectionServer(HTTPServer):
             BODY: settings.body_timeout,
             IDLE: settings.idle_timeout,
         }
-        self._conns: dict[IOStream, _Conn] = {}
+        self._conns: set[ServerConnection] = set()
         # Connections still sending a request, oldest first: the shedding order.
-        self._pending: OrderedDict[IOStream, _Conn] = OrderedDict()
+        self._pending: OrderedDict[ServerConnection, None] = OrderedDict()
         self._listeners: list[socket.socket] = []
         self._pause = FIRST_PAUSE
         self._paused = False
@@ -205,6 +156,14 @@ class ConnectionServer(HTTPServer):
         for sock in self._listeners:
             IOLoop.current().remove_handler(sock)
             sock.close()
+
+    async def close_all_connections(self) -> None:
+        """Close every connection and wait until each has closed."""
+        for conn in list(self._conns):
+            conn.close()
+        deadline = time.monotonic() + 1.0
+        while self._conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def _accept(self, sock: socket.socket, events: int) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -243,15 +202,27 @@ class ConnectionServer(HTTPServer):
         if len(self._conns) >= self.budget and not self._shed_oldest():
             self._refuse(client)
             return
-        stream = IOStream(
-            client, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
-        )
-        self.handle_stream(stream, address)
+        # Events must not wait for the next write (Nagle's algorithm); uvloop sets it too,
+        # asyncio's own loop does not for an accepted socket.
+        with contextlib.suppress(OSError):  # reset already: the connect below finds out
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ServerConnection(self, address, SMALL_BODY)
+        conn.since = time.monotonic()
+        self._conns.add(conn)
+        self._pending[conn] = None
+        asyncio.ensure_future(self._connect(conn, client))
+
+    async def _connect(self, conn: ServerConnection, client: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, client)
+        except OSError:
+            client.close()
+            self.connection_closed(conn)
 
     def _shed_oldest(self) -> bool:
         if not self._pending:
             return False
-        conn = next(iter(self._pending.values()))
+        conn = next(iter(self._pending))
         self._close(conn)
         self.metrics.connections_shed.labels(conn.state).inc()
         self._counts[f"shed ({conn.state})"] += 1
@@ -265,53 +236,41 @@ class ConnectionServer(HTTPServer):
             client.send(AT_CAPACITY)
         client.close()
 
-    # -- following each connection -----------------------------------------
+    # -- following each connection (called by it) ----------------------------
 
-    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
-        self._conns[stream] = self._pending[stream] = _Conn(stream, time.monotonic())
-        super().handle_stream(stream, address)
+    def request_begun(self, conn: ServerConnection) -> None:
+        """The first bytes of a kept-alive connection's next request: its headers have
+        their own timeout from now."""
+        if conn.state == IDLE and conn in self._pending:
+            conn.state, conn.since = HEADERS, time.monotonic()
 
-    def start_request(
-        self, server_conn: object, request_conn: httputil.HTTPConnection
-    ) -> httputil.HTTPMessageDelegate:
-        delegate = super().start_request(server_conn, request_conn)
-        conn = self._conns.get(cast(HTTP1ServerConnection, server_conn).stream)
-        if conn is None:  # closed here already; Tornado is about to find out
-            return delegate
-        if conn.requests:  # kept alive: idle until the next request begins
-            conn.state, conn.since = IDLE, time.monotonic()
-            self._pending[conn.stream] = conn
-        conn.requests += 1
-        return _Watch(self, conn, delegate)
-
-    def reading_body(self, conn: _Conn) -> None:
-        if conn.stream in self._pending:
+    def reading_body(self, conn: ServerConnection) -> None:
+        if conn in self._pending:
             conn.state, conn.since = BODY, time.monotonic()
 
-    def busy(self, conn: _Conn) -> None:
+    def busy(self, conn: ServerConnection) -> None:
         conn.state = BUSY
-        self._pending.pop(conn.stream, None)
+        self._pending.pop(conn, None)
 
-    def on_close(self, server_conn: object) -> None:
-        super().on_close(server_conn)
-        stream = cast(HTTP1ServerConnection, server_conn).stream
-        self._conns.pop(stream, None)
-        self._pending.pop(stream, None)
+    def idle(self, conn: ServerConnection) -> None:
+        """Kept alive after a response: idle until its next request begins."""
+        if conn in self._conns:
+            conn.state, conn.since = IDLE, time.monotonic()
+            self._pending[conn] = None
 
-    def _close(self, conn: _Conn) -> None:
-        """Close now and stop counting it (Tornado's on_close comes a little later)."""
-        del self._conns[conn.stream]
-        del self._pending[conn.stream]
-        conn.stream.close()
+    def connection_closed(self, conn: ServerConnection) -> None:
+        self._conns.discard(conn)
+        self._pending.pop(conn, None)
+
+    def _close(self, conn: ServerConnection) -> None:
+        """Close now and stop counting it (its connection_lost comes a little later)."""
+        self.connection_closed(conn)
+        conn.close()
 
     def _check(self) -> None:
         now = time.monotonic()
-        for conn in list(self._pending.values()):
-            if conn.state == IDLE and conn.stream._read_buffer_size:
-                # The next request has begun: its headers have their own timeout from
-                # now. (Without the private attribute, the idle timeout still bounds it.)
-                conn.state, conn.since = HEADERS, now
-            elif now - conn.since > self._timeouts[conn.state]:
+        for conn in list(self._pending):
+            if now - conn.since > self._timeouts[conn.state]:
                 self._close(conn)
                 self.metrics.connection_timeouts.labels(conn.state).inc()
                 if conn.state != IDLE:

@@ -88,7 +88,7 @@ class EventStreamHandler(BaseHandler):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self.connection.stream.close()
+        self.connection.close()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()  # ends Tornado's wait for a body that never came
@@ -114,9 +114,6 @@ class EventStreamHandler(BaseHandler):
     def commit(self) -> None:
         """Start the 200 event-stream response (never compressed)."""
         self._committed = True
-        # Tornado turns Nagle's algorithm off only when a response ends; an event
-        # must not wait for the next one (measured: lag p99 20 ms -> 1.5 ms).
-        self.connection.stream.set_nodelay(True)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
@@ -278,8 +275,7 @@ class EventStreamHandler(BaseHandler):
             # say close, and close when the stream ends (pump).
             self.request.headers.pop("Connection", None)
             self.set_header("Connection", "close")
-        stream = self.connection.stream
-        self._writer = EventWriter(stream, chunked, self.flush())
+        self._writer = EventWriter(self.connection, chunked, self.flush())
         return not self._writer.blocked
 
     def resume_cursor(self, session: Session, raw: str | None) -> int | None:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import socket
 from typing import TYPE_CHECKING, Any, cast
 
-from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, SSLIOStream
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from relay.ask import MAX_BODY, parse_ask
 from relay.errors import RelayError
+from relay.http1server import ServerConnection
 from relay.idempotency import KEY_HEADER, SESSION_HEADER
 from relay.resources import STATIC_DIR
 from relay.robots import Robot
@@ -52,10 +50,10 @@ class BaseHandler(RequestHandler):
         return cast("RelayApplication", self.application).relay
 
     @property
-    def connection(self) -> HTTP1Connection:
-        """The request's connection: always Tornado's HTTP/1 one here (never None while
-        a handler runs)."""
-        return cast(HTTP1Connection, self.request.connection)
+    def connection(self) -> ServerConnection:
+        """The request's connection: always the relay's own (relay/http1server.py; never
+        None while a handler runs)."""
+        return cast(ServerConnection, self.request.connection)
 
     def set_default_headers(self) -> None:
         set_security_headers(self)
@@ -248,7 +246,7 @@ class AskHandler(BaseHandler):
         try:
             user = self.user_id()
             robot, payload = self.read_ask()
-            if peer_closed(self.connection.stream):
+            if peer_closed(self.connection):
                 # A pipelined request of a client that already left: no paid call for nobody.
                 return None
             session = await self.new_session(user, robot, replayable)
@@ -312,24 +310,14 @@ class SessionHandler(BaseHandler):
         self.set_status(204)
 
 
-def peer_closed(stream: IOStream) -> bool:
-    """Whether the client has closed its side, even with requests of it still buffered.
+def peer_closed(connection: ServerConnection) -> bool:
+    """Whether the client has gone, even with a request of it still being served.
 
-    Tornado notices a close only when nothing is buffered, so a pipelined
-    request whose sender has gone would still be served: the socket is asked.
-    A client that half-closes after its request counts as gone (nginx treats
-    it so too).
+    The connection reads on while a request is served, so a pipelined request
+    whose sender has left (or half-closed: nginx also counts that as gone) finds
+    its connection closed here.
     """
-    if stream.closed():
-        return True
-    if isinstance(stream, SSLIOStream):
-        return False  # TLS sockets cannot peek; Tornado reports the close later
-    try:
-        return stream.socket.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+    return connection.closed
 
 
 def ascii_decimal(text: str) -> int | None:

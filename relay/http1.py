@@ -1,17 +1,25 @@
-"""HTTP/1.1 response framing without I/O: bytes in, the head and the de-framed body out.
+"""HTTP/1.1 framing without I/O.
 
-Shared by the relay's upstream client (`relay.httpclient`) and the load tester
+`ResponseParser`: bytes in, the head and the de-framed body out. Shared by the
+relay's upstream client (`relay.httpclient`) and the load tester
 (`relay.tools.loadtest`): both read long streamed responses from a socket in
 whatever blocks arrive, and both want each block's body bytes in one piece.
 Handles a status line with headers (skipping interim 1xx responses), then a
 body framed by ``Transfer-Encoding: chunked`` (extensions and trailers
 ignored), by ``Content-Length``, or by the end of the connection; 204 and 304
 have none. One parser reads one response.
+
+`keeps_alive`, `request_body_length` and `response_head`: the server side's
+rules (`relay.http1server`), as Tornado's ``HTTP1Connection`` has them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from tornado import httputil
+from tornado.http1connection import is_transfer_encoding_chunked, parse_int
 
 MAX_HEAD = 64 << 10  # bytes of status line and headers, and of any one chunk-size line
 
@@ -178,3 +186,80 @@ class ResponseParser:
         self._state = _DONE
         self.done = True
         self.extra = data[pos:]
+
+
+def keeps_alive(start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> bool:
+    """Whether the connection stays open after the response to this request."""
+    connection = headers.get("Connection")
+    if connection is not None:
+        connection = connection.lower()
+    if start.version == "HTTP/1.1":
+        return connection != "close"
+    if (
+        "Content-Length" in headers
+        or is_transfer_encoding_chunked(headers)
+        or start.method in ("HEAD", "GET")
+    ):
+        return connection == "keep-alive"
+    return False
+
+
+def request_body_length(headers: httputil.HTTPHeaders, limit: int) -> int | None:
+    """The request's Content-Length (None without one); `httputil.HTTPInputError` if it
+    is not a number, is repeated with different values, or is over ``limit``."""
+    if "Content-Length" not in headers:
+        return None
+    value = headers["Content-Length"]
+    if "," in value:  # repeated by a proxy: fine if every copy agrees
+        pieces = re.split(r",[ \t]*", value)
+        if any(piece != pieces[0] for piece in pieces):
+            raise httputil.HTTPInputError(f"Multiple unequal Content-Lengths: {value!r}")
+        value = headers["Content-Length"] = pieces[0]
+    try:
+        length = parse_int(value)
+    except ValueError as e:
+        raise httputil.HTTPInputError("Only integer Content-Length is allowed") from e
+    if length > limit:
+        raise httputil.HTTPInputError("Content-Length too long")
+    return length
+
+
+def response_head(
+    request: httputil.RequestStartLine,
+    request_headers: httputil.HTTPHeaders,
+    response: httputil.ResponseStartLine,
+    headers: httputil.HTTPHeaders,
+    closing: bool,
+) -> tuple[bytes, bool, int | None]:
+    """A response's head as bytes, whether its body is chunked, and the body bytes due
+    (None: not known). ``closing``: the connection closes after this response.
+    ``headers`` gains the framing and connection headers; `ValueError` if a header
+    holds CR or LF."""
+    code = response.code
+    chunking = (
+        request.version == "HTTP/1.1"
+        and request.method != "HEAD"
+        and code not in (204, 304)
+        and not 100 <= code < 200
+        and "Content-Length" not in headers
+    )
+    if request.version == "HTTP/1.1" and closing:
+        headers["Connection"] = "close"
+    if (
+        request.version == "HTTP/1.0"
+        and request_headers.get("Connection", "").lower() == "keep-alive"
+    ):
+        headers["Connection"] = "Keep-Alive"
+    if chunking:
+        headers["Transfer-Encoding"] = "chunked"
+    expected: int | None = None
+    if request.method == "HEAD" or code == 304:
+        expected = 0
+    elif "Content-Length" in headers:
+        expected = parse_int(headers["Content-Length"])
+    lines = [f"HTTP/1.1 {code} {response.reason}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.get_all())
+    for line in lines:
+        if "\r" in line or "\n" in line:
+            raise ValueError(f"Illegal characters (CR or LF) in header: {line!r}")
+    return "\r\n".join(lines).encode("latin1") + b"\r\n\r\n", chunking, expected

@@ -56,7 +56,7 @@ class StreamAskHandler(AskHandler, EventStreamHandler):
         try:
             user = self.user_id()
             robot, payload = self.read_ask()
-            if peer_closed(self.connection.stream):
+            if peer_closed(self.connection):
                 return
             # Anonymous clients all have one user name: their keys are scoped by address.
             scope = f"user:{user}" if relay.settings.auth_tokens else f"addr:{self.address}"

@@ -1,27 +1,25 @@
 """Flow control for one event-stream response: the one object that owns its socket writes.
 
-An `EventWriter` sends body chunks straight to the client socket while the
-socket takes them. What the socket does not take is queued on Tornado's
-IOStream, and the writer reports itself blocked until that queue has drained;
-the stream's reader (`relay.eventstream.EventStreamHandler`) reads nothing more
-from its session meanwhile, and reads at most `SLICE` bytes at a time. So a
-client that does not read holds at most one slice of queued bytes, whatever
-the size of the session it replays (the rest stays shared in the session), and
-``--send-timeout`` bounds for how long.
+An `EventWriter` frames body chunks and writes them to the client's connection
+(`relay.http1server.ServerConnection`), which sends at once what the socket
+takes and keeps the rest in its transport; the writer is then blocked until
+that has drained, and the stream's reader (`relay.eventstream.EventStreamHandler`)
+reads nothing more from its session meanwhile, and reads at most `SLICE` bytes
+at a time. So a client that does not read holds at most one slice of queued
+bytes, whatever the size of the session it replays (the rest stays shared in
+the session), and ``--send-timeout`` bounds for how long.
 
 Caveats: the headers and the first chunk go through Tornado's own ``flush()``
-(the handler's job, before the writer exists); a TLS stream queues every byte
-on the IOStream (its socket cannot be written raw); an HTTP/1.0 response is not
+(the handler's job, before the writer exists); an HTTP/1.0 response is not
 chunked and ends with the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
-from tornado.iostream import IOStream, SSLIOStream
+from relay.http1server import ServerConnection
 
 # The most a reader takes from its session per write, and so the most it queues.
 SLICE = 256 << 10
@@ -30,15 +28,14 @@ SLICE = 256 << 10
 class EventWriter:
     """Writes body chunks of one response: to the socket at once, else queued and awaited."""
 
-    __slots__ = ("_chunked", "_draining", "_socket", "_stream", "last_write", "queued_since")
+    __slots__ = ("_chunked", "_conn", "_draining", "last_write", "queued_since")
 
-    def __init__(self, stream: IOStream, chunked: bool, flushed: asyncio.Future[None]) -> None:
+    def __init__(
+        self, conn: ServerConnection, chunked: bool, flushed: asyncio.Future[None]
+    ) -> None:
         """``flushed`` is Tornado's flush of the headers and first chunk."""
-        self._stream = stream
+        self._conn = conn
         self._chunked = chunked
-        self._socket: socket.socket | None = (
-            None if isinstance(stream, SSLIOStream) else stream.socket
-        )
         self._draining: asyncio.Future[None] | None = None
         self.queued_since = 0.0  # when bytes were first left queued (0: nothing queued)
         self.last_write = time.monotonic()
@@ -54,8 +51,8 @@ class EventWriter:
         """Send ``frames`` (``size`` bytes in all) as one body chunk; True when the socket
         took all of it.
 
-        Otherwise the rest is queued and the writer is `blocked`. A socket error
-        closes the stream, which Tornado reports to the handler as a disconnect.
+        Otherwise the rest is queued and the writer is `blocked`. Raises
+        `StreamClosedError` once the connection is closed.
         """
         self.last_write = time.monotonic()
         if not size:
@@ -64,22 +61,13 @@ class EventWriter:
             data = b"".join([b"%x\r\n" % size, *frames, b"\r\n"])
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-        sent = 0
-        if self._socket is not None and self._draining is None:
-            try:
-                sent = self._socket.send(data)
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._stream.close()
-                return False
-        if sent == len(data):
+        if self._conn.send(data):
             return True
-        self._queue(self._stream.write(memoryview(data)[sent:]))
+        self._queue(self._conn.drained())
         return False
 
     async def drain(self) -> None:
-        """Wait until the IOStream has sent what the socket did not take."""
+        """Wait until the connection has sent what the socket did not take."""
         if self._draining is None:
             return
         try:
@@ -94,7 +82,7 @@ class EventWriter:
         return bool(self.queued_since) and now - self.queued_since > timeout
 
     def close(self) -> None:
-        self._stream.close()
+        self._conn.close()
 
     def _queue(self, future: asyncio.Future[None]) -> None:
         self._draining = future

@@ -8,7 +8,6 @@ count and time, and everything is measured from outside: CPU time and RSS from
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -21,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tornado.iostream import IOStream, StreamClosedError
 
 from relay.limits import FD_RESERVE
 from tests.processes import ROOT, RelayProcess, limited, read_until_close
@@ -288,28 +286,6 @@ def test_next_request_on_a_kept_alive_connection_has_the_header_timeout_from_its
         # timeout (3 s after the last response) would have closed it.
         took = seconds_until_closed(sock, [b"X"], limit=5)
     assert 0.8 < took < 2.1
-
-
-def test_tornado_keeps_what_a_request_has_sent_in_the_private_read_buffer_size():
-    # relay.connections reads IOStream._read_buffer_size to see a kept-alive
-    # connection's next request begin; a Tornado upgrade that renames it fails here.
-    async def main() -> int:
-        left, right = socket.socketpair()
-        stream = IOStream(left)
-        reading = stream.read_until_regex(b"\r?\n\r?\n", max_bytes=65536)
-        right.sendall(b"GET /healthz HT")
-        for _ in range(100):
-            if stream._read_buffer_size:
-                break
-            await asyncio.sleep(0.01)
-        size = stream._read_buffer_size
-        stream.close()
-        right.close()
-        with contextlib.suppress(StreamClosedError):
-            await reading
-        return size
-
-    assert asyncio.run(main()) == len(b"GET /healthz HT")
 
 
 # -- finding 3: bodies on routes that take none -----------------------------------------

@@ -351,7 +351,7 @@ async def test_resumable_mode_survives_a_dropped_connection(relay, fake, open_ch
     await chat.run(wait_text(page, 0, "".join(tokens[:12])))
     # The server side drops the stream mid-answer; the upstream call goes on.
     for handler in list(relay.relay.streams):
-        handler.request.connection.stream.close()
+        handler.request.connection.close()
     await chat.run(page.wait_for_selector(".turn .note:not([hidden])"))
     assert "reconnecting" in await chat.run(page.text_content(".turn .note"))
     gate.set()

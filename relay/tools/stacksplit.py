@@ -21,9 +21,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 LOOP = "the event loop in C (uvloop: epoll, accept, socket calls, timers)"
-REQUEST = "request read and parse (Tornado's HTTP/1 headers and body)"
+REQUEST = "request read and parse (relay.http1server, Tornado's header parser)"
 ROUTING = "routing and handler set-up (Tornado)"
-ACCOUNTING = "connection accounting (relay.connections)"
+ACCOUNTING = "accept and connection accounting (relay.connections)"
 QUESTION = "question parse and validation"
 UPSTREAM_REQUEST = "upstream request (payload, fetch, request head, connection, send)"
 RESPONSE_OUT = "response head and events out"
@@ -32,7 +32,6 @@ ADMISSION = "admission and session"
 HANDLER = "handler: Tornado's own (prepare, finish, flush)"
 UPSTREAM_RESPONSE = "upstream response: framing, SSE, chunk rules, session append"
 UPSTREAM_END = "upstream response end (pool, HTTPResponse)"
-CLIENT_IO = "client socket reads and writes (Tornado's IOStream)"
 OTHER = "other callbacks"
 
 
@@ -47,12 +46,14 @@ def part(frames: Sequence[str]) -> str:
     if all(f.split(" (", 1)[0] in _MAIN for f in inner):
         return LOOP  # nothing below the loop's run: its own C code
     top, text = inner[0], ";".join(inner)
-    if "_server_request_loop" in top or "headers_received" in text or "_read_message" in text:
+    if "RequestHandler._execute" in text or "Handler." in top or "start_answer" in text:
+        return _handler_part(text)  # also run inline from the connection's read
+    if "relay/connections.py" in top:
+        return ACCOUNTING
+    if "ServerConnection." in top or "relay/http1server.py" in top:
         if "find_handler" in text or "RequestHandler.__init__" in text or "routing.py" in text:
             return ROUTING
-        return ACCOUNTING if "relay/connections.py" in text else REQUEST
-    if "RequestHandler._execute" in top or "Handler." in top or "start_answer" in text:
-        return _handler_part(text)
+        return REQUEST
     if "_ResponseReader.data_received" in top or "_ResponseReader.connection_lost" in top:
         if "relay/eventstream.py" in text or "relay/writer.py" in text:
             return RESPONSE_OUT
@@ -61,8 +62,8 @@ def part(frames: Sequence[str]) -> str:
         return UPSTREAM_RESPONSE
     if "UpstreamCall" in top or "httpclient.py" in top:
         return UPSTREAM_REQUEST
-    if "_handle_events" in top or "iostream.py" in top:
-        return CLIENT_IO
+    if "_handle_events" in top and "relay/connections.py" in text:
+        return ACCOUNTING
     # A stack cut short above its callback: placed by the innermost frame that says where.
     for frame in reversed(inner):
         for needle, name in _CUT:
@@ -73,13 +74,12 @@ def part(frames: Sequence[str]) -> str:
 
 _CUT = (
     ("write_headers", RESPONSE_OUT),
+    ("response_head", RESPONSE_OUT),
     ("format_datetime", RESPONSE_OUT),
     ("relay/eventstream.py", RESPONSE_OUT),
-    ("_read_fixed_body", REQUEST),
-    ("_read_body", REQUEST),
-    ("_deliver_body", REQUEST),
-    ("_parse_headers", REQUEST),
-    ("_finish_request", RESPONSE_END),
+    ("ServerConnection.finish", RESPONSE_END),
+    ("relay/http1server.py", REQUEST),
+    ("HTTPHeaders.parse", REQUEST),
     ("relay/memory_store.py", ADMISSION),
     ("relay/sessions.py", ADMISSION),
     ("relay/admission.py", ADMISSION),
@@ -87,8 +87,6 @@ _CUT = (
     ("relay/upstream.py", UPSTREAM_REQUEST),
     ("_ResponseReader", UPSTREAM_END),
     ("relay/pool.py", UPSTREAM_END),
-    ("update_handler", CLIENT_IO),
-    ("iostream.py", CLIENT_IO),
     ("routing.py", ROUTING),
     ("logging/", RESPONSE_END),
 )
