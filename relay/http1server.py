@@ -23,8 +23,10 @@ Caveats:
 
 - A client's end of input (EOF, a half-close) closes the connection: a client
   that half-closes after its request counts as gone, as with nginx.
-- While a response runs, further requests are kept unparsed up to
-  `MAX_PIPELINED` bytes; a client that sends more meanwhile is disconnected.
+- While a response runs, and until it has gone to the socket, further requests
+  are kept unparsed up to `MAX_PIPELINED` bytes; a client that sends more
+  meanwhile is disconnected. So a client that pipelines requests and reads
+  nothing holds one response in memory, not one per request.
 - Writes go straight to the socket; what it does not take is buffered by the
   transport, and `drained` waits for all of it (a zero high-water mark).
 """
@@ -406,6 +408,10 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
             self._disconnect_on_finish = True  # the only way not to read the whole body
         if self._disconnect_on_finish:
             self._close_when_sent()
+        elif self._drained is not None:
+            # The next request is read once this response is out: a client that sends
+            # requests and reads nothing holds one response, not one per request.
+            self._drained.add_done_callback(lambda _: self._next_request())
         elif not self._closed:
             asyncio.get_running_loop().call_soon(self._next_request)
 

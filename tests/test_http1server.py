@@ -3,7 +3,8 @@
 What Tornado's server did for the relay and the tests of other modules do not
 already pin: pipelining, ``Expect: 100-continue``, chunked request bodies, the
 header bound, HTTP/1.0 keep-alive, the bound on bytes sent while a response
-runs, and Nagle's algorithm off on every client socket.
+runs, one answer at a time for a client that reads none, and Nagle's algorithm off on
+every client socket.
 """
 
 from __future__ import annotations
@@ -169,4 +170,21 @@ async def test_every_client_socket_has_nagles_algorithm_off(relay, fake):
     (conn,) = relay.server._conns
     sock = conn.transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_pipelined_requests_of_a_client_that_reads_nothing_hold_one_response(relay):
+    # Each answer waits for the one before to leave: 2,000 pipelined requests for the
+    # page (2 KiB each) would otherwise queue ~5 MB of answers for a client that reads none.
+    stream = await raw_connection(relay.url, b"", rcvbuf=4096)
+    await eventually(lambda: any(c.transport for c in relay.server._conns))
+    (conn,) = relay.server._conns
+    # A small send buffer, so the kernel cannot take megabytes in the server's stead.
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await stream.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    await eventually(conn.transport.get_write_buffer_size)
+    await asyncio.sleep(0.5)  # time to answer many more, had it read on
+    assert conn.requests <= 10  # what the kernel buffers took, and one more
+    assert conn.transport.get_write_buffer_size() < 16 << 10
     stream.close()
