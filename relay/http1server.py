@@ -5,7 +5,7 @@ It implements Tornado's `httputil.HTTPConnection`, so every handler runs as on
 Tornado's own server, and replaces Tornado's ``HTTP1ServerConnection`` and
 ``IOStream``: the socket is an event loop transport (uvloop's, in C), the
 request is parsed from what one read brought, with no coroutine or future per
-step. Tornado's server spent ~0.65 ms of CPU on a one-request connection where a
+step. Tornado's server spent ~0.73 ms of CPU on a one-request connection where a
 bare protocol spends ~0.08 ms (docs/perf-changelog.md).
 
 What it keeps of Tornado's HTTP/1.1 behaviour, which the tests pin: headers
@@ -16,8 +16,10 @@ KiB (more: a close); chunked request bodies (no chunk extensions or trailers);
 ``Expect: 100-continue``; keep-alive as HTTP/1.1 and 1.0 define it; pipelined
 requests served in order; chunked output for an HTTP/1.1 response without a
 Content-Length; a response written shorter than its Content-Length closes the
-connection; a response finished before its request's body was read ends with a
-close.
+connection, and one written longer is refused (the connection closes before the
+excess goes out); a response finished
+before its request's body was read ends with a close; a handler whose
+``data_received`` returns an awaitable gets no more of the body until it is done.
 
 Caveats:
 

@@ -16,8 +16,13 @@ import socket
 
 import pytest
 from tornado.iostream import StreamClosedError
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler, stream_request_body
 
+from relay.config import Settings
+from relay.connections import ConnectionServer
 from relay.http1server import MAX_HEAD, MAX_PIPELINED
+from relay.metrics import Metrics
 from tests.conftest import ASK, eventually, nothing_left
 from tests.fakeupstream import hang, stream_tokens
 from tests.streams import BODY, open_raw_stream, raw_connection
@@ -188,3 +193,72 @@ async def test_pipelined_requests_of_a_client_that_reads_nothing_hold_one_respon
     assert conn.requests <= 10  # what the kernel buffers took, and one more
     assert conn.transport.get_write_buffer_size() < 16 << 10
     stream.close()
+
+
+@stream_request_body
+class SlowReader(RequestHandler):
+    """Takes its body a piece at a time, each after a pause (its flow control)."""
+
+    def prepare(self) -> None:
+        self.pieces: list[bytes] = []
+
+    async def data_received(self, chunk: bytes) -> None:
+        await asyncio.sleep(0.01)
+        self.pieces.append(chunk)
+
+    def post(self) -> None:
+        self.write({"pieces": len(self.pieces), "body": b"".join(self.pieces).decode()})
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_a_handler_that_takes_its_body_slowly_gets_all_of_it_in_order(io_loop):
+    # No relay route awaits in data_received; Tornado's interface allows it, and the
+    # connection then reads no more of the body until the handler has taken the piece.
+    sock, port = bind_unused_port()
+    server = ConnectionServer(Application([(r"/", SlowReader)]), Settings(), Metrics(), 100)
+    server.add_sockets([sock])
+    body = "".join(f"{i:04d}" for i in range(2000))  # 8,000 bytes
+    stream = await raw_connection(
+        f"http://127.0.0.1:{port}",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    for start in range(0, len(body), 1000):
+        await stream.write(b"3e8\r\n%s\r\n" % body[start : start + 1000].encode())
+        await asyncio.sleep(0.005)
+    await stream.write(b"0\r\n\r\n")
+    answer = json.loads((await read_all(stream)).partition(b"\r\n\r\n")[2])
+    assert answer["body"] == body
+    assert answer["pieces"] >= 2  # delivered while it was still arriving
+    server.stop()
+    await server.close_all_connections()
+
+
+class WrongLength(RequestHandler):
+    """Declares a 10-byte body and writes ``n`` bytes."""
+
+    def get(self, n: str) -> None:
+        self.set_header("Content-Length", "10")
+        self.write(b"x" * int(n))
+
+
+@pytest.mark.parametrize("written", [5, 15])
+@pytest.mark.gen_test(timeout=15)
+async def test_a_body_shorter_or_longer_than_its_content_length_ends_the_connection(
+    io_loop, written
+):
+    # The client must not wait for bytes that never come, nor read the excess as the
+    # next response: either way the connection closes, with at most what was declared.
+    sock, port = bind_unused_port()
+    server = ConnectionServer(Application([(r"/(\d+)", WrongLength)]), Settings(), Metrics(), 9)
+    server.add_sockets([sock])
+    stream = await raw_connection(
+        f"http://127.0.0.1:{port}", b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % written
+    )
+    data = await read_all(stream)
+    if written < 10:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"Content-Length: 10" in head and body == b"x" * written
+    else:
+        assert data == b""  # refused before a byte went out: head and body go together
+    server.stop()
+    await server.close_all_connections()

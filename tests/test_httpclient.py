@@ -523,3 +523,20 @@ async def test_a_released_response_that_does_not_end_is_dropped_after_a_grace(po
     assert 0.15 < asyncio.get_running_loop().time() - started < 2
     await eventually(lambda: server.closed == 1)
     assert client.pool.idle_count == 0
+
+
+def test_a_streaming_request_keeps_every_attribute_in_its_slots():
+    # A request lives as long as its call: in an instance dict its 34 attributes took
+    # ~1.5 KB more per open stream. An attribute a Tornado upgrade adds would land in the
+    # dict: name it in StreamingRequest.__slots__.
+    request = StreamingRequest(
+        "http://127.0.0.1:1/v1/chat/completions",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        body=b"{}",
+        head_callback=print,
+        streaming_callback=print,
+        cancel_handle=CancelHandle(),
+    )
+    assert vars(request) == {}
+    assert request.headers["Content-Type"] == "application/json" and request.body == b"{}"
