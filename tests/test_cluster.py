@@ -420,6 +420,9 @@ async def test_cluster_quiet_relays_inbox_master_fails_and_its_listener_finds_th
         fake.disconnected.clear()
         res = await fetch_stream(f"{b.url}/aianswer/sessions/{created['uid']}", method="DELETE")
         assert res.status == 204
-        await asyncio.wait_for(fake.disconnected.wait(), 10)  # within MESSAGE_RETRY
+        # B sends the cancel again for MESSAGE_RETRY (10 s) while nobody hears it: A's
+        # listener may find the new master at the last try, so wait that and a margin (a
+        # 10 s wait timed out once in CI, at the edge of the window).
+        await asyncio.wait_for(fake.disconnected.wait(), redis_bus.MESSAGE_RETRY + 5)
     finally:
         cluster.stop()
