@@ -32,7 +32,8 @@ as much per connection). The server adds:
   the end of the next headers, idle time and header transfer in one, so it is
   not used; one tick checks every connection that is sending a request.
 - Logging: at most one line per `LOG_INTERVAL`, from the tick, with counts (shed,
-  refused, accept pauses, header and body timeouts), never one per connection;
+  refused, accept pauses, malformed requests, header and body timeouts), never one
+  per connection or request;
   idle timeouts are normal and only counted in the metrics.
 
 Caveats:
@@ -247,6 +248,10 @@ class ConnectionServer:
     def reading_body(self, conn: ServerConnection) -> None:
         if conn in self._pending:
             conn.state, conn.since = BODY, time.monotonic()
+
+    def bad_request(self) -> None:
+        """A malformed request was answered with a bare 400 (counted in the next log line)."""
+        self._counts["malformed requests (400)"] += 1
 
     def busy(self, conn: ServerConnection) -> None:
         conn.state = BUSY

@@ -99,6 +99,7 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
         self._buf = b""
         self._reading = _HEAD
         self._hold: Awaitable[None] | None = None  # the delegate's flow control
+        self._scanned = 0  # bytes of a partial head searched already
         self._remaining = 0  # bytes due of a fixed body or of a chunk
         self._body_total = 0
         self._drained: asyncio.Future[None] | None = None
@@ -134,7 +135,7 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
             self.server.request_begun(self)
         if self._hold is None:
             self._process()
-        if self._reading == _RESPONDING and len(self._buf) > MAX_PIPELINED:
+        if len(self._buf) > MAX_PIPELINED:  # unread while a response or a handler waits
             self.close()
 
     def eof_received(self) -> bool:
@@ -165,20 +166,14 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
+    def close(self, when_sent: bool = False) -> None:
         """Close now, dropping what the socket has not taken (as Tornado's IOStream does:
-        a client that does not read must not hold the connection open)."""
+        a client that does not read must not hold the connection open); ``when_sent``:
+        once the transport has sent what it holds (the end of a response)."""
         if not self._closed:
             self._closed = True
             if self.transport is not None:
-                self.transport.abort()
-
-    def _close_when_sent(self) -> None:
-        """Close once the transport has sent what it holds (the end of a response)."""
-        if not self._closed:
-            self._closed = True
-            if self.transport is not None:
-                self.transport.close()
+                (self.transport.close if when_sent else self.transport.abort)()
 
     def send(self, data: bytes) -> bool:
         """Write ``data`` (framed already); True when the socket took all of it."""
@@ -190,17 +185,15 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
     def drained(self) -> asyncio.Future[None]:
         """Resolves when every byte written has gone to the socket; raises
         `StreamClosedError` if the connection closes first."""
-        loop = asyncio.get_running_loop()
+        if self._drained is not None and not self._closed:
+            return self._drained
+        future = asyncio.get_running_loop().create_future()
         if self._closed:
-            future = loop.create_future()
             future.set_exception(StreamClosedError())
             future.exception()  # retrieved: a write nobody awaits must not be logged
-            return future
-        if self._drained is None:
-            future = loop.create_future()
+        else:
             future.set_result(None)
-            return future
-        return self._drained
+        return future
 
     def _wake_drain(self) -> None:
         future, self._drained = self._drained, None
@@ -226,18 +219,20 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
                     return
                 elif not self._read_chunked():
                     return
-        except httputil.HTTPInputError as e:
-            self._bad_request(e)
+        except httputil.HTTPInputError:
+            self._bad_request()
 
     def _read_head(self) -> bool:
         buf = self._buf.lstrip(b"\r\n")  # empty lines before a request are ignored
-        end = _HEAD_END.search(buf, 0, MAX_HEAD + 4)
+        # From where the last search stopped: a head sent a byte at a time costs one
+        # pass over it, not one per byte.
+        end = _HEAD_END.search(buf, max(self._scanned - 3, 0), MAX_HEAD + 4)
         if end is None:
-            self._buf = buf
+            self._buf, self._scanned = buf, len(buf)
             if len(buf) > MAX_HEAD:
                 self.close()
             return False
-        self._buf = buf[end.end() :]
+        self._buf, self._scanned = buf[end.end() :], 0
         text = native_str(buf[: end.start()].decode("latin1"))
         eol = text.find("\n")
         line = text if eol < 0 else text[:eol]
@@ -333,8 +328,8 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
                     then()
                 elif self._reading == _RESPONDING and not self._read_finished:
                     self._body_done()
-            except httputil.HTTPInputError as e:
-                self._bad_request(e)
+            except httputil.HTTPInputError:
+                self._bad_request()
                 return
             self._process()
 
@@ -350,11 +345,13 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
         if delegate is not None:
             self._call(delegate.finish)
 
-    def _bad_request(self, error: Exception) -> None:
-        log.info("Malformed HTTP message from %s: %s", self.context, error)
+    def _bad_request(self) -> None:
+        # Counted, not logged: the error quotes the client's bytes (a header value may be
+        # a token), and a line per request would let any client grow the log.
+        self.server.bad_request()
         if not self._closed and self.transport is not None:
             self.transport.write(_BAD_REQUEST)
-        self._close_when_sent()
+        self.close(when_sent=True)
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
         """A delegate's method; one that raises is logged and closes the connection."""
@@ -409,7 +406,7 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
         if not self._read_finished:
             self._disconnect_on_finish = True  # the only way not to read the whole body
         if self._disconnect_on_finish:
-            self._close_when_sent()
+            self.close(when_sent=True)
         elif self._drained is not None:
             # The next request is read once this response is out: a client that sends
             # requests and reads nothing holds one response, not one per request.

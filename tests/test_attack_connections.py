@@ -240,6 +240,22 @@ def test_header_timeout_is_a_total_not_per_read(quick):
     assert 0.8 < took < 1.7
 
 
+def test_a_head_sent_a_byte_at_a_time_is_searched_once_not_once_per_byte(quick):
+    # Each read used to search the whole partial head for its end again: 2.5 ms per read
+    # near the 64 KiB bound, so one client dripping bytes kept a core busy until
+    # --header-timeout. Now each read searches only what it brought.
+    with quick.connect() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 60_000)
+        time.sleep(0.05)  # that much read first
+        cpu = quick.cpu_seconds()
+        for _ in range(200):
+            sock.send(b"a")
+            time.sleep(0.002)
+        spent = quick.cpu_seconds() - cpu
+    assert spent < 0.15, f"{spent:.2f} s of relay CPU for 200 bytes"
+
+
 def test_body_timeout_is_a_total_not_per_read(quick):
     with quick.connect() as sock:
         sock.sendall(SLOW_BODY)

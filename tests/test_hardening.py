@@ -411,6 +411,15 @@ async def test_secrets_never_reach_logs_errors_or_responses(make_relay, fake, ca
     seen.append((await fetch_stream(rs.url + "/aianswer/streamAsk", ask, headers=bad_auth)).raw)
     seen.append((await fetch_stream(rs.url + "/aianswer/streamAsk", b"{" + question.encode())).raw)
     seen.append((await fetch_stream(rs.url + "/metrics")).raw)
+    # A header value the server refuses (a control character): the bare 400 and the
+    # server's own bookkeeping must not quote it.
+    malformed = await raw_exchange(
+        rs,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\x01\r\n"
+        b"Connection: close\r\n\r\n" % token.encode(),
+    )
+    assert malformed == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+    seen.append(malformed)
     logged = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
     assert "stream end" in logged  # the capture did see the relay's logs
     everything = logged.encode() + b"\n".join(seen)
