@@ -18,7 +18,8 @@ with Redis.
 
 Before and after a change, on one machine in one sitting: ``--baseline=DIR`` adds a target
 ``baseline``, the relay run from the source tree DIR (for example ``git worktree add
-/tmp/before <commit>``), to every scenario that has ``relay``.
+/tmp/before <commit>``), to every scenario that has ``relay``. ``--floor`` adds a target
+``floor`` before ``relay``: `relay.tools.floor`, the least any relay in Python on uvloop costs.
 
 Targets are each run in a fresh process: the fake upstream (always), then for each run, each
 target in turn (so slow drift of a shared machine falls on all of them alike): nginx (Debian's,
@@ -307,6 +308,8 @@ def start_target(name: str, upstream: str, workdir: Path, baseline: Path | None 
         return Target(name, upstream, "upstream")
     if name == "nginx":
         return start_nginx(upstream, workdir)
+    if name == "floor":
+        return start_floor(upstream, workdir)
     return start_relay(name, upstream, workdir, baseline if name == "baseline" else None)
 
 
@@ -335,6 +338,15 @@ def start_nginx(upstream: str, workdir: Path) -> Target:
     url = f"http://127.0.0.1:{port}/v1"
     wait_http(f"http://127.0.0.1:{port}/")
     return Target("nginx", url, "upstream", [proc])
+
+
+def start_floor(upstream: str, workdir: Path) -> Target:
+    port = free_port()
+    args = [PY, "-m", "relay.tools.floor", f"--port={port}", f"--upstream={upstream}"]
+    proc = subprocess.Popen(args, cwd=workdir, stderr=(workdir / "floor.log").open("w"))
+    url = f"http://127.0.0.1:{port}/v1"
+    wait_http(f"http://127.0.0.1:{port}/")
+    return Target("floor", url, "upstream", [proc])
 
 
 def start_relay(name: str, upstream: str, workdir: Path, source: Path | None = None) -> Target:
@@ -487,15 +499,17 @@ def bench(
     only: Sequence[str] = (),
     streams: int = 0,
     baseline: Path | None = None,
+    floor: bool = False,
 ) -> dict:
     """Run ``scenarios``; ``streams`` (when not 0) replaces each one's stream count;
-    ``baseline``: a source tree whose relay runs beside ``relay`` as target ``baseline``."""
+    ``baseline``: a source tree whose relay runs beside ``relay`` as target ``baseline``;
+    ``floor``: `relay.tools.floor` runs before ``relay`` as target ``floor``."""
     results: dict = {}
     for key in scenarios:
         sc = SCENARIOS[key]
         if streams:
             sc = dataclasses.replace(sc, streams=streams)
-        names = [n for n in _targets(sc, baseline) if not only or n in only]
+        names = [n for n in _targets(sc, baseline, floor) if not only or n in only]
         samples: dict[str, list[dict]] = {name: [] for name in names}
         for i in range(runs):
             for name in names:
@@ -514,9 +528,12 @@ def bench(
     return results
 
 
-def _targets(sc: Scenario, baseline: Path | None) -> list[str]:
-    """The scenario's targets that can run here, with ``baseline`` after ``relay``."""
+def _targets(sc: Scenario, baseline: Path | None, floor: bool = False) -> list[str]:
+    """The scenario's targets that can run here, with ``floor`` before ``relay`` and
+    ``baseline`` after it."""
     names = [n for n in sc.targets if n != "nginx" or _has_nginx()]
+    if floor and "relay" in names:
+        names.insert(names.index("relay"), "floor")
     if baseline is not None and "relay" in names:
         names.insert(names.index("relay") + 1, "baseline")
     return names
@@ -553,6 +570,10 @@ def markdown(results: dict) -> str:
         if nginx and relay and nginx["cpu_us_per_event"] and relay["cpu_us_per_event"]:
             ratio = relay["cpu_us_per_event"] / nginx["cpu_us_per_event"]
             lines += ["", f"Relay CPU per event: {ratio:.2f}x nginx's."]
+        low = by_target.get("floor")
+        if nginx and low and relay and nginx["cpu_us_per_event"] and low["cpu_us_per_event"]:
+            ratio = low["cpu_us_per_event"] / nginx["cpu_us_per_event"]
+            lines += ["", f"The floor's CPU per event: {ratio:.2f}x nginx's."]
         before = by_target.get("baseline")
         if before and relay and before["cpu_us_per_event"] and relay["cpu_us_per_event"]:
             ratio = relay["cpu_us_per_event"] / before["cpu_us_per_event"]
@@ -600,6 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a source tree (e.g. a git worktree of an older commit) whose relay runs "
         "beside the installed one as target 'baseline'",
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="add target 'floor' (relay.tools.floor) before 'relay'"
+    )
     args = parser.parse_args(argv)
     if args.baseline is not None and not (args.baseline / "relay" / "__main__.py").exists():
         parser.error(f"--baseline: no relay package in {args.baseline}")
@@ -607,7 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         only = [t for t in args.targets.split(",") if t]
         baseline = args.baseline.resolve() if args.baseline is not None else None
         results = bench(
-            args.scenarios.split(","), args.runs, Path(tmp), only, args.streams, baseline
+            args.scenarios.split(","),
+            args.runs,
+            Path(tmp),
+            only,
+            args.streams,
+            baseline,
+            args.floor,
         )
     text = markdown(results)
     print(text)
