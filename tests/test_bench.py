@@ -41,13 +41,14 @@ def test_baseline_runs_the_relay_from_another_source_tree(tmp_path, monkeypatch)
     assert "x the baseline's." in bench.markdown(results)
 
 
-def test_the_floor_passes_answers_through_exact_beside_the_relay(tmp_path, monkeypatch):
+def test_the_floors_relay_answers_exact_plain_and_through_the_relays_codec(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = bench.Scenario("t", "4 streams of 5 tokens", 4, 5, 10, 1.0, 0.2, targets=("relay",))
     monkeypatch.setitem(bench.SCENARIOS, "t", tiny)
-    results = bench.bench(["t"], 1, tmp_path, only=("floor",), floor=True)
-    row = results["t"]["floor"]
-    assert row["errors"] == 0 and row["completed"] >= 4, row
-    exact, checked = row["exact"].split("/")
-    assert exact == checked and int(checked) >= 1, row
-    assert row["cpu_us_per_event"] > 0, row
+    results = bench.bench(["t"], 1, tmp_path, only=("floor", "floor-codec"), floor=True)
+    assert list(results["t"]) == ["floor", "floor-codec"]
+    for row in results["t"].values():
+        assert row["errors"] == 0 and row["completed"] >= 4, row
+        exact, checked = row["exact"].split("/")
+        assert exact == checked and int(checked) >= 1, row
+        assert row["cpu_us_per_event"] > 0, row

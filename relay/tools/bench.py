@@ -19,7 +19,8 @@ with Redis.
 Before and after a change, on one machine in one sitting: ``--baseline=DIR`` adds a target
 ``baseline``, the relay run from the source tree DIR (for example ``git worktree add
 /tmp/before <commit>``), to every scenario that has ``relay``. ``--floor`` adds a target
-``floor`` before ``relay``: `relay.tools.floor`, the least any relay in Python on uvloop costs.
+``floor`` and ``floor-codec`` before ``relay``: `relay.tools.floor`, the least any relay in Python
+on uvloop costs, and the same with the relay's per-event pipeline (parse, rules, frame) added.
 
 Targets are each run in a fresh process: the fake upstream (always), then for each run, each
 target in turn (so slow drift of a shared machine falls on all of them alike): nginx (Debian's,
@@ -308,8 +309,8 @@ def start_target(name: str, upstream: str, workdir: Path, baseline: Path | None 
         return Target(name, upstream, "upstream")
     if name == "nginx":
         return start_nginx(upstream, workdir)
-    if name == "floor":
-        return start_floor(upstream, workdir)
+    if name in ("floor", "floor-codec"):
+        return start_floor(name, upstream, workdir)
     return start_relay(name, upstream, workdir, baseline if name == "baseline" else None)
 
 
@@ -340,13 +341,15 @@ def start_nginx(upstream: str, workdir: Path) -> Target:
     return Target("nginx", url, "upstream", [proc])
 
 
-def start_floor(upstream: str, workdir: Path) -> Target:
+def start_floor(name: str, upstream: str, workdir: Path) -> Target:
     port = free_port()
     args = [PY, "-m", "relay.tools.floor", f"--port={port}", f"--upstream={upstream}"]
-    proc = subprocess.Popen(args, cwd=workdir, stderr=(workdir / "floor.log").open("w"))
+    if name == "floor-codec":
+        args.append("--codec")
+    proc = subprocess.Popen(args, cwd=workdir, stderr=(workdir / f"{name}.log").open("w"))
     url = f"http://127.0.0.1:{port}/v1"
     wait_http(f"http://127.0.0.1:{port}/")
-    return Target("floor", url, "upstream", [proc])
+    return Target(name, url, "upstream", [proc])
 
 
 def start_relay(name: str, upstream: str, workdir: Path, source: Path | None = None) -> Target:
@@ -503,7 +506,7 @@ def bench(
 ) -> dict:
     """Run ``scenarios``; ``streams`` (when not 0) replaces each one's stream count;
     ``baseline``: a source tree whose relay runs beside ``relay`` as target ``baseline``;
-    ``floor``: `relay.tools.floor` runs before ``relay`` as target ``floor``."""
+    ``floor``: `relay.tools.floor` runs before ``relay`` as ``floor`` and ``floor-codec``."""
     results: dict = {}
     for key in scenarios:
         sc = SCENARIOS[key]
@@ -529,11 +532,12 @@ def bench(
 
 
 def _targets(sc: Scenario, baseline: Path | None, floor: bool = False) -> list[str]:
-    """The scenario's targets that can run here, with ``floor`` before ``relay`` and
+    """The scenario's targets that can run here, with the floor's before ``relay`` and
     ``baseline`` after it."""
     names = [n for n in sc.targets if n != "nginx" or _has_nginx()]
     if floor and "relay" in names:
-        names.insert(names.index("relay"), "floor")
+        at = names.index("relay")
+        names[at:at] = ["floor", "floor-codec"]
     if baseline is not None and "relay" in names:
         names.insert(names.index("relay") + 1, "baseline")
     return names
@@ -622,7 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "beside the installed one as target 'baseline'",
     )
     parser.add_argument(
-        "--floor", action="store_true", help="add target 'floor' (relay.tools.floor) before 'relay'"
+        "--floor",
+        action="store_true",
+        help="add targets 'floor' and 'floor-codec' (relay.tools.floor) before 'relay'",
     )
     args = parser.parse_args(argv)
     if args.baseline is not None and not (args.baseline / "relay" / "__main__.py").exists():

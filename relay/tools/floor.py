@@ -11,6 +11,13 @@ sessions, timeouts, limits or logging, so no relay in Python can cost less per s
 event: the bench's ``floor`` target (``--floor``) puts that floor beside nginx and the relay in
 one run (docs/benchmarks.md, "The floor").
 
+With ``--codec`` it also does the relay's own work on each answer with the relay's own code:
+de-chunks it (`relay.http1.ResponseParser`), parses its events (`relay.sse.SSEParser`),
+applies the chunk rules (`relay.chunks.ChunkRules`), numbers and frames each event
+(`relay.sse.encode_event`) and chunks them again: the bench's ``floor-codec`` target, what
+that pipeline costs in place, socket to socket, without the relay's HTTP server, sessions and
+upstream client around it.
+
 Not a proxy for use: it trusts the client's framing, passes the client's head on as it came (the
 fake upstream ignores ``Host``), ends an answer at the read that ends with chunked encoding's
 last chunk (true of `relay.tools.fakeupstream`, not of every server), and has no flow control.
@@ -27,9 +34,44 @@ from urllib.parse import urlsplit
 
 import uvloop
 
+from relay.chunks import ChunkRules
+from relay.http1 import ResponseParser
 from relay.limits import raise_fd_limit
+from relay.sse import SSEParser, encode_event
 
 _END = b"0\r\n\r\n"  # chunked encoding's last chunk with no trailers
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+class _Codec:
+    """The relay's work on one answer's bytes: events out of the upstream's, in its framing."""
+
+    def __init__(self) -> None:
+        self.http = ResponseParser()
+        self.events = SSEParser()
+        self.rules = ChunkRules("floor", "floor")
+        self.seq = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes for the client that ``data`` completes; ends with `_END` at the end."""
+        http = self.http
+        started = http.head is not None
+        body = http.feed(data)
+        out = [] if started or http.head is None else [_HEAD]
+        frames = []
+        for event in self.events.feed(body) if body else ():
+            for text in self.rules.apply(event.data):
+                self.seq += 1
+                frames.append(encode_event(text, id=self.seq))
+        if frames:
+            chunk = b"".join(frames)
+            out.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        if http.done:
+            out.append(_END)
+        return b"".join(out)
 
 
 class _Upstream(asyncio.Protocol):
@@ -38,6 +80,7 @@ class _Upstream(asyncio.Protocol):
     def __init__(self, proxy: Floor) -> None:
         self.proxy = proxy
         self.client: _Client | None = None
+        self.codec: _Codec | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -46,8 +89,13 @@ class _Upstream(asyncio.Protocol):
         client = self.client
         if client is None:
             return
+        if self.proxy.codec:
+            if self.codec is None:
+                self.codec = _Codec()
+            data = self.codec.feed(data)
         client.write(data)
         if data.endswith(_END):
+            self.codec = None
             self.client = None
             self.proxy.idle.append(self)
             client.answered()
@@ -125,7 +173,8 @@ class _Client(asyncio.Protocol):
 class Floor:
     """The proxy's state: where the upstream is and its idle connections."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, codec: bool = False) -> None:
+        self.codec = codec
         parts = urlsplit(upstream)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.idle: list[_Upstream] = []
@@ -141,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m relay.tools.floor", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
     parser.add_argument("--upstream", required=True, help="the upstream's base URL")
+    parser.add_argument("--codec", action="store_true", help="do the relay's work on each event")
     args = parser.parse_args(argv)
     raise_fd_limit()
-    uvloop.run(Floor(args.upstream).serve(args.port))
+    uvloop.run(Floor(args.upstream, args.codec).serve(args.port))
     return 0
 
 
