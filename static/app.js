@@ -799,9 +799,31 @@ function setBusy(busy) {
   }
 }
 
+// A notice shown or cleared moves the transcript below it by its height, so never during a
+// press: it would end on something else and its click be lost (Retry pressed right after
+// typing the token, whose change reloads the robots, which clears the notice).
+let pressing = false;
+let pendingNotice = null; // the notice to show once the press is over ("" clears it)
+
 function showNotice(text) {
+  if (pressing) {
+    pendingNotice = text;
+    return;
+  }
   ui.notice.textContent = text;
   ui.notice.hidden = !text;
+}
+
+function pressEnded() {
+  if (!pressing) return;
+  pressing = false;
+  // After the click this press makes, which comes after pointerup in the same task.
+  setTimeout(() => {
+    if (pressing || pendingNotice === null) return;
+    const text = pendingNotice;
+    pendingNotice = null;
+    showNotice(text);
+  });
 }
 
 function showTokenField() {
@@ -950,6 +972,10 @@ function init() {
     ui.auth.classList.toggle("set", Boolean(ui.token.value.trim()));
   });
   ui.token.addEventListener("change", loadRobots);
+  document.addEventListener("pointerdown", () => (pressing = true), true);
+  document.addEventListener("pointerup", pressEnded, true);
+  document.addEventListener("pointercancel", pressEnded, true);
+  window.addEventListener("blur", pressEnded); // released outside the window: no pointerup
 
   ui.form.addEventListener("submit", (e) => {
     e.preventDefault();
