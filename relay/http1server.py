@@ -354,9 +354,13 @@ class ServerConnection(asyncio.Protocol, httputil.HTTPConnection):
         self.close(when_sent=True)
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        """A delegate's method; one that raises is logged and closes the connection."""
+        """A delegate's method; one that raises is logged and closes the connection. But an
+        `HTTPInputError` (Tornado's request refuses a missing, invalid or repeated Host) goes
+        on to the reader, whose answer is the bare 400 that Tornado's server gives."""
         try:
             return method(*args)
+        except httputil.HTTPInputError:
+            raise
         except Exception:
             log.exception("Uncaught exception in the request's handler")
             self.close()

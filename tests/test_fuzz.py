@@ -1,4 +1,5 @@
-"""Fuzz: random bodies, headers, methods and paths never yield a 500 or a hung request.
+"""Fuzz: random bodies, headers, methods and paths never yield a 500 or a hung request, and
+raw request bytes no client library would send get HTTP answers (or a close), never a 500.
 
 The relay runs on its own thread and loop (embedded demo upstream, no delay), so
 hypothesis can drive it with a plain blocking client.
@@ -7,10 +8,13 @@ hypothesis can drive it with a plain blocking client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import http.client
 import json
 import logging
+import re
+import socket
 import threading
 
 import pytest
@@ -126,3 +130,148 @@ def test_random_requests_never_500_or_hang(threaded_relay, method, path, body, h
         conn.close()
     assert response.status < 500, (method, path, body, hdrs, response.status)
     assert errors.records == []
+
+
+# Raw bytes for the relay's own HTTP/1.1 server (relay/http1server.py): mostly well-formed
+# requests with one or two things wrong, alone and with a request pipelined after them.
+# (Valid choices come first in each list, and repeats make them likelier.)
+EOLS = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"])
+RAW_METHODS = [b"POST"] * 4 + [b"GET"] * 3 + [b"DELETE", b"OPTIONS", b"HEAD", b"G\x00T", b""]
+RAW_TARGETS = [b"/aianswer/streamAsk"] * 4 + [
+    b"/aianswer/sessions",
+    b"/aianswer/sessions",
+    b"/healthz",
+    b"/",
+    b"*",
+    b"http://127.0.0.1/healthz",
+    b"/aianswer/stream/" + b"a" * 32,
+    b"/%zz",
+    b"/\xff",
+    b"",
+]
+RAW_VERSIONS = [b"HTTP/1.1"] * 6 + [b"HTTP/1.0"] * 2 + [b"HTTP/2.0", b"HTTP/1.1 x", b"http/1.1"]
+RAW_NAMES = [
+    b"Content-Length",
+    b"Transfer-Encoding",
+    b"Connection",
+    b"Expect",
+    b"Host",
+    b"Authorization",
+    b"Content-Type",
+    b"Last-Event-ID",
+    b"Idempotency-Key",
+    b"X-Forwarded-For",
+    b"content-length ",
+    b"",
+]
+RAW_VALUES = st.sampled_from(
+    [
+        b"0",
+        b"5",
+        b"-1",
+        b"1, 1",
+        b"99999999999999999999",
+        b"+3",
+        b" 7 ",
+        b"chunked",
+        b"chunked, identity",
+        b"CHUNKED",
+        b"identity",
+        b"close",
+        b"keep-alive",
+        b"100-continue",
+        b"Bearer tok",
+        b"application/json",
+        b"\xff\xfe",
+        b"a\x00b",
+    ]
+) | st.binary(max_size=20)
+RAW_HEADER_LINES = st.builds(
+    lambda name, value: name + b": " + value, st.sampled_from(RAW_NAMES), RAW_VALUES
+) | st.sampled_from([b"no colon", b" folded continuation", b":empty name", b"X" * 200])
+ASK = json.dumps({"robotId": "1", "aiQuestion": "hi"}).encode()
+
+
+@st.composite
+def chunked(draw: st.DrawFn, body: bytes) -> bytes:
+    """``body`` in chunks of random sizes, and an end that may be cut or malformed."""
+    out, rest = b"", body
+    while rest:
+        n = draw(st.integers(1, len(rest)))
+        out += b"%x\r\n%s\r\n" % (n, rest[:n])
+        rest = rest[n:]
+    end = [b"0\r\n\r\n"] * 4 + [b"0\r\n", b"zz\r\n\r\n", b"-1\r\n\r\n", b""]
+    return out + draw(st.sampled_from(end))
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    eol = draw(EOLS)
+    line = b" ".join(
+        [
+            draw(st.sampled_from(RAW_METHODS)),
+            draw(st.sampled_from(RAW_TARGETS)),
+            draw(st.sampled_from(RAW_VERSIONS)),
+        ]
+    )
+    lines = draw(st.lists(RAW_HEADER_LINES, max_size=1))
+    # Mostly (hypothesis favours a list's first choice): an HTTP/1.1 request without a Host
+    # is refused before anything else is looked at.
+    if draw(st.sampled_from([True, True, True, False])):
+        lines.insert(0, b"Host: 127.0.0.1")
+    if draw(st.sampled_from([True, False])):
+        lines.append(b"Authorization: Bearer tok")
+    body = draw(st.sampled_from([ASK, ASK, b""]) | st.binary(max_size=300))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "none"]))
+    if framing == "length":
+        lines.append(b"Content-Length: %d" % len(body))
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        body = draw(chunked(body))
+    raw = eol.join([line, *draw(st.permutations(lines))]) + eol + eol + body
+    if draw(st.booleans()):
+        raw += b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # pipelined after it
+    return raw
+
+
+def _read_until_quiet(sock: socket.socket, quiet: float) -> bytes:
+    got = b""
+    sock.settimeout(quiet)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return got
+        except OSError:  # reset: the relay closed on bytes it had not read
+            return got
+        if not data:
+            return got
+        got += data
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=raw_requests(), half_close=st.booleans())
+def test_raw_request_bytes_get_http_answers_never_a_500_and_leave_the_server_well(
+    threaded_relay, raw, half_close
+):
+    port, errors = threaded_relay
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with contextlib.suppress(OSError):  # the relay may close before it has read it all
+            sock.sendall(raw)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        got = _read_until_quiet(sock, 0.2)
+    if got:
+        assert re.match(rb"HTTP/1\.[01] [1-5]\d\d ", got), (raw, got[:200])
+        statuses = re.findall(rb"(?:^|\r\n\r\n|\r\n0\r\n\r\n)HTTP/1\.[01] (\d{3}) ", got)
+        assert statuses and all(s[:1] != b"5" for s in statuses), (raw, got[:400])
+    assert errors.records == [], raw
+    # And the server still answers a plain request.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()

@@ -2,7 +2,7 @@
 
 What Tornado's server did for the relay and the tests of other modules do not
 already pin: pipelining, ``Expect: 100-continue``, chunked request bodies, the
-header bound, HTTP/1.0 keep-alive, the bound on bytes sent while a response
+header bound, a bad Host, HTTP/1.0 keep-alive, the bound on bytes sent while a response
 runs, one answer at a time for a client that reads none, and Nagle's algorithm off on
 every client socket.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 
@@ -115,6 +116,27 @@ async def test_a_malformed_chunked_body_gets_a_bare_400_and_a_close(relay, fake,
     data = await read_all(stream)
     assert data == b"HTTP/1.1 400 Bad Request\r\n\r\n"
     assert not fake.requests  # no paid call
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"", b"Host: a b\r\n", b"Host: x\r\nHost: y\r\n"],
+    ids=["missing", "invalid", "repeated"],
+)
+@pytest.mark.gen_test(timeout=15)
+async def test_a_bad_host_gets_a_bare_400_not_a_logged_traceback_and_a_silent_close(
+    relay, fake, host, caplog
+):
+    # Regression (found by tests/test_fuzz.py's raw requests): Tornado's request object
+    # refuses an HTTP/1.1 request without one Host, and the connection logged that as an
+    # uncaught handler exception (a traceback per request, for anyone to send) and closed
+    # without an answer. Tornado's server answers a bare 400; so does the relay now.
+    request = b"POST /aianswer/streamAsk HTTP/1.1\r\n" + host
+    request += b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+    stream = await raw_connection(relay.url, request)
+    assert await read_all(stream) == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+    assert not fake.requests
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.gen_test(timeout=15)
