@@ -187,15 +187,21 @@ async def test_one_shot_answers_are_keyed_and_stop_deletes_them(relay, fake, ope
     assert len(fake.requests) == 3
 
 
-@pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_401_is_shown_inline_and_the_token_fixes_it(make_relay, fake, open_chat):
+async def open_without_the_token(make_relay, fake, open_chat):
+    """The page of a relay that wants a token, once the robot list was refused for want
+    of it; the fake streams `TOKENS`."""
     rs = make_relay(upstream=fake.url, auth_tokens={"tok": "alice"})
     fake.script = stream_tokens(TOKENS)
     chat = open_chat()
-    page = chat.page
-    await chat.run(open_page(page, rs.url))
+    await chat.run(open_page(chat.page, rs.url))
+    await chat.run(chat.page.wait_for_selector("#notice:not([hidden])"))
+    return chat, chat.page
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_401_is_shown_inline_and_the_token_fixes_it(make_relay, fake, open_chat):
     # The robot list already needs the token: the token field opens.
-    await chat.run(page.wait_for_selector("#notice:not([hidden])"))
+    chat, page = await open_without_the_token(make_relay, fake, open_chat)
     assert "token missing or wrong" in await chat.run(page.text_content("#notice"))
     assert await chat.run(page.is_visible("#token"))
 
@@ -225,12 +231,7 @@ async def test_retry_pressed_right_after_typing_the_token_is_not_lost_as_the_not
     # which clears the notice above the transcript: everything below it moved up by its
     # height between the button's pointerdown and pointerup, and the click was lost (seen
     # as a flaky test_401 above). The notice now changes only once the press is over.
-    rs = make_relay(upstream=fake.url, auth_tokens={"tok": "alice"})
-    fake.script = stream_tokens(TOKENS)
-    chat = open_chat()
-    page = chat.page
-    await chat.run(open_page(page, rs.url))
-    await chat.run(page.wait_for_selector("#notice:not([hidden])"))
+    chat, page = await open_without_the_token(make_relay, fake, open_chat)
     await chat.run(ask(page, "no token"))
     await chat.run(wait_state(page, 0, "error", "done"))
     await chat.run(page.fill("#token", "tok"))
