@@ -1,5 +1,7 @@
-"""Fuzz: random bodies, headers, methods and paths never yield a 500 or a hung request, and
-raw request bytes no client library would send get HTTP answers (or a close), never a 500.
+"""Fuzz: random bodies, headers, methods and paths never yield a 500 or a hung request;
+raw request bytes no client library would send get HTTP answers (or a close), never a 500;
+and a model server answering with bytes of any shape (status, framing, events, cut anywhere)
+gets the client a whole event stream, one ending in `event: error`, or a 502/503/504.
 
 The relay runs on its own thread and loop (embedded demo upstream, no delay), so
 hypothesis can drive it with a plain blocking client.
@@ -25,6 +27,7 @@ from tornado.testing import bind_unused_port
 from relay.app import make_app
 from relay.config import Settings
 from relay.connections import make_http_server
+from relay.sse import SSEParser
 
 
 class ErrorLog(logging.Handler):
@@ -275,3 +278,150 @@ def test_raw_request_bytes_get_http_answers_never_a_500_and_leave_the_server_wel
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
+
+# The other side: a model server that answers a streaming call with bytes of any shape
+# (relay/httpclient.py, relay/http1.py, relay/sse.py, relay/chunks.py, relay/upstream.py).
+class RawUpstream(asyncio.Protocol):
+    """Reads one request, answers it with ``box["answer"]``, then closes or stays open."""
+
+    def __init__(self, box: dict) -> None:
+        self.box, self.buf = box, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        head, sep, body = self.buf.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if not sep or len(body) < (int(length.group(1)) if length else 0):
+            return
+        self.buf = b""
+        answer, close = self.box["answer"], self.box["close"]
+        for piece in answer:
+            self.transport.write(piece)
+        if close:
+            self.transport.close()
+
+
+@pytest.fixture(scope="module")
+def relay_on_raw_upstream():
+    sock, port = bind_unused_port()
+    ready = threading.Event()
+    box: dict = {"answer": [], "close": True}
+
+    def run() -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            upstream = await loop.create_server(lambda: RawUpstream(box), "127.0.0.1", 0)
+            up_port = upstream.sockets[0].getsockname()[1]
+            settings = dataclasses.replace(
+                Settings(),
+                port=port,
+                upstream=f"http://127.0.0.1:{up_port}/v1",
+                upstream_idle_timeout=0.5,
+            )
+            app = make_app(settings)
+            server = make_http_server(app)
+            server.add_sockets([sock])
+            box["stop"] = asyncio.Event()
+            box["loop"] = loop
+            ready.set()
+            await box["stop"].wait()
+            server.stop()
+            upstream.close()
+            await app.relay.shutdown(grace=1)
+
+        asyncio.run(main())
+
+    errors = ErrorLog()
+    logging.getLogger().addHandler(errors)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(5)
+    yield port, box, errors
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    thread.join(5)
+    logging.getLogger().removeHandler(errors)
+
+
+def _chunk(delta: str, finish: str | None = None) -> bytes:
+    doc = {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": finish}]}
+    return json.dumps(doc).encode()
+
+
+UPSTREAM_EVENTS = st.sampled_from(
+    [
+        b"data: " + _chunk("Hello") + b"\n\n",
+        b"data: " + _chunk("\u4f60\u597d") + b"\r\n\r\n",
+        b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+        b"data: " + _chunk("", "stop") + b"\n\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+        b'data: {"error":{"message":"boom"}}\n\n',
+        b"data: not json\n\n",
+        b"data: [1, 2]\n\n",
+        b": keep-alive\n\n",
+        b"event: ping\ndata: {}\n\n",
+        b"\xef\xbb\xbfdata: " + _chunk("bom") + b"\n\n",
+        b'data: {"choices":[{"delta":{"content":"x"}',  # cut short
+        b"retry: 10\nid: 7\n\n",
+    ]
+) | st.binary(max_size=40)
+HEADS = [
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n",
+    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n",
+    b"HTTP/1.1 2xx OK\r\n",
+    b"garbage\r\n",
+]
+
+
+@st.composite
+def upstream_answers(draw: st.DrawFn) -> list[bytes]:
+    """A response in the pieces it is written in: head, framing, events, end."""
+    body = b"".join(draw(st.lists(UPSTREAM_EVENTS, max_size=8)))
+    framing = draw(st.sampled_from(["chunked", "chunked", "length", "close", "bad length"]))
+    head = draw(st.sampled_from(HEADS))
+    if framing == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n"
+        body = draw(chunked(body)) if body else b"0\r\n\r\n"
+    elif framing == "length":
+        head += b"Content-Length: %d\r\n" % len(body)
+    elif framing == "bad length":
+        head += b"Content-Length: %d\r\n" % (len(body) + draw(st.sampled_from([1, -1, 1000])))
+    raw = head + b"\r\n" + body
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=3)))
+    return [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(answer=upstream_answers(), close=st.booleans())
+def test_any_upstream_answer_gets_the_client_a_whole_stream_or_an_error_never_a_500(
+    relay_on_raw_upstream, answer, close
+):
+    port, box, errors = relay_on_raw_upstream
+    box["answer"], box["close"] = answer, close
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/aianswer/streamAsk", body=ASK)
+        response = conn.getresponse()
+        body = response.read()  # it ends: by the upstream's end, an error or its idle timeout
+    finally:
+        conn.close()
+    assert response.status in (200, 502, 503, 504), (answer, response.status, body)
+    if response.status == 200:
+        events = SSEParser().feed(body + b"\n\n")
+        assert events, (answer, body)
+        last = events[-1]
+        assert last.data == "[DONE]" or last.event == "error", (answer, body)
+        ids = [int(e.id) for e in events if e.event == "message" and e.id]
+        assert ids == list(range(1, len(ids) + 1)), (answer, body)
+    assert errors.records == [], answer
