@@ -18,6 +18,7 @@ import logging
 import re
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,18 +41,20 @@ class ErrorLog(logging.Handler):
             self.records.append(f"{record.name}: {record.getMessage()}")
 
 
-@pytest.fixture(scope="module")
-def threaded_relay():
+@contextlib.contextmanager
+def relay_in_a_thread(settings_of: Callable[[int, list[asyncio.Server]], Awaitable[Settings]]):
+    """A relay on its own thread and loop, so that hypothesis can drive it with a plain
+    blocking client; ``settings_of(port, servers)`` runs on that loop and may start servers
+    of its own there (put in ``servers``: they close with the relay). Yields the port and the
+    error log."""
     sock, port = bind_unused_port()
     ready = threading.Event()
     box: dict = {}
 
     def run() -> None:
         async def main() -> None:
-            settings = dataclasses.replace(
-                Settings(), port=port, demo_token_delay=0.0, auth_tokens={"tok": "alice"}
-            )
-            app = make_app(settings)
+            servers: list[asyncio.Server] = []
+            app = make_app(await settings_of(port, servers))
             server = make_http_server(app)
             server.add_sockets([sock])
             box["stop"] = asyncio.Event()
@@ -59,6 +62,8 @@ def threaded_relay():
             ready.set()
             await box["stop"].wait()
             server.stop()
+            for other in servers:
+                other.close()
             await app.relay.shutdown(grace=1)
 
         asyncio.run(main())
@@ -68,10 +73,23 @@ def threaded_relay():
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     ready.wait(5)
-    yield port, errors
-    box["loop"].call_soon_threadsafe(box["stop"].set)
-    thread.join(5)
-    logging.getLogger().removeHandler(errors)
+    try:
+        yield port, errors
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(5)
+        logging.getLogger().removeHandler(errors)
+
+
+@pytest.fixture(scope="module")
+def threaded_relay():
+    async def settings_of(port: int, servers: list[asyncio.Server]) -> Settings:
+        return dataclasses.replace(
+            Settings(), port=port, demo_token_delay=0.0, auth_tokens={"tok": "alice"}
+        )
+
+    with relay_in_a_thread(settings_of) as (port, errors):
+        yield port, errors
 
 
 json_values = st.recursive(
@@ -307,43 +325,22 @@ class RawUpstream(asyncio.Protocol):
 
 @pytest.fixture(scope="module")
 def relay_on_raw_upstream():
-    sock, port = bind_unused_port()
-    ready = threading.Event()
     box: dict = {"answer": [], "close": True}
 
-    def run() -> None:
-        async def main() -> None:
-            loop = asyncio.get_running_loop()
-            upstream = await loop.create_server(lambda: RawUpstream(box), "127.0.0.1", 0)
-            up_port = upstream.sockets[0].getsockname()[1]
-            settings = dataclasses.replace(
-                Settings(),
-                port=port,
-                upstream=f"http://127.0.0.1:{up_port}/v1",
-                upstream_idle_timeout=0.5,
-            )
-            app = make_app(settings)
-            server = make_http_server(app)
-            server.add_sockets([sock])
-            box["stop"] = asyncio.Event()
-            box["loop"] = loop
-            ready.set()
-            await box["stop"].wait()
-            server.stop()
-            upstream.close()
-            await app.relay.shutdown(grace=1)
+    async def settings_of(port: int, servers: list[asyncio.Server]) -> Settings:
+        loop = asyncio.get_running_loop()
+        upstream = await loop.create_server(lambda: RawUpstream(box), "127.0.0.1", 0)
+        servers.append(upstream)
+        up_port = upstream.sockets[0].getsockname()[1]
+        return dataclasses.replace(
+            Settings(),
+            port=port,
+            upstream=f"http://127.0.0.1:{up_port}/v1",
+            upstream_idle_timeout=0.5,
+        )
 
-        asyncio.run(main())
-
-    errors = ErrorLog()
-    logging.getLogger().addHandler(errors)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(5)
-    yield port, box, errors
-    box["loop"].call_soon_threadsafe(box["stop"].set)
-    thread.join(5)
-    logging.getLogger().removeHandler(errors)
+    with relay_in_a_thread(settings_of) as (port, errors):
+        yield port, box, errors
 
 
 def _chunk(delta: str, finish: str | None = None) -> bytes:
