@@ -242,9 +242,9 @@ async def test_retry_pressed_right_after_typing_the_token_is_not_lost_as_the_not
         await page.mouse.move(x, y)
         async with page.expect_response(lambda r: "/aianswer/robots" in r.url and r.ok):
             await page.mouse.down()  # the blur: the token's change reloads the robots
-        # The robots are in: the notice would be cleared now.
+        # The robots are in, and the page has cleared the notice (or put that off), which
+        # it does just before it marks the token as no longer needed.
         await page.wait_for_selector("#auth:not(.needed)")  # a selector: the CSP forbids eval
-        await page.wait_for_timeout(50)  # a person's press lasts longer than that
 
     await chat.run(press_while_the_robots_load())
     # Still under the pointer: the notice waits for the press to end.

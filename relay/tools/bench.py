@@ -575,7 +575,7 @@ def markdown(results: dict) -> str:
             ratio = relay["cpu_us_per_event"] / nginx["cpu_us_per_event"]
             lines += ["", f"Relay CPU per event: {ratio:.2f}x nginx's."]
         low = by_target.get("floor")
-        if nginx and low and relay and nginx["cpu_us_per_event"] and low["cpu_us_per_event"]:
+        if nginx and low and nginx["cpu_us_per_event"] and low["cpu_us_per_event"]:
             ratio = low["cpu_us_per_event"] / nginx["cpu_us_per_event"]
             lines += ["", f"The floor's CPU per event: {ratio:.2f}x nginx's."]
         before = by_target.get("baseline")

@@ -9,7 +9,7 @@ writes them, unchanged, on a kept-alive upstream connection, and one per upstrea
 that writes every read, unchanged, to the client's socket. No event parsing, chunk rules,
 sessions, timeouts, limits or logging, so no relay in Python can cost less per stream or per
 event: the bench's ``floor`` target (``--floor``) puts that floor beside nginx and the relay in
-one run (docs/benchmarks.md, "The floor").
+one run (docs/benchmarks.md, "Issue 17 in one sitting beside the floor").
 
 With ``--codec`` it also does the relay's own work on each answer with the relay's own code:
 de-chunks it (`relay.http1.ResponseParser`), parses its events (`relay.sse.SSEParser`),
