@@ -344,7 +344,8 @@ async def test_the_history_sent_is_trimmed_to_the_servers_limits(relay, fake, op
     await chat.run(page.evaluate(SEED, [[f"q{i}", f"a{i}"] for i in range(250)]))
     await chat.run(open_page(page, relay.url))
     await chat.run(ask(page, "with a long history"))
-    await chat.run(wait_state(page, 200, "done"))
+    # The page shows every kept turn: the new one is the 251st (turn 200 is already done).
+    await chat.run(wait_state(page, 250, "done"))
     messages = fake.requests[-1]["body"]["messages"]
     assert len(messages) == 1 + 2 * 200 + 1
     assert messages[1:3] == [
