@@ -29,6 +29,7 @@ from relay.app import make_app
 from relay.config import Settings
 from relay.connections import make_http_server
 from relay.sse import SSEParser
+from tests.fakeupstream import chunk, usage_chunk
 
 
 class ErrorLog(logging.Handler):
@@ -343,25 +344,24 @@ def relay_on_raw_upstream():
         yield port, box, errors
 
 
-def _chunk(delta: str, finish: str | None = None) -> bytes:
-    doc = {"choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": finish}]}
-    return json.dumps(doc).encode()
+def _data(delta: dict, finish: str | None = None) -> bytes:
+    return b"data: " + chunk(delta, finish).encode()
 
 
 UPSTREAM_EVENTS = st.sampled_from(
     [
-        b"data: " + _chunk("Hello") + b"\n\n",
-        b"data: " + _chunk("\u4f60\u597d") + b"\r\n\r\n",
-        b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
-        b"data: " + _chunk("", "stop") + b"\n\n",
-        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n',
+        _data({"content": "Hello"}) + b"\n\n",
+        _data({"content": "\u4f60\u597d"}) + b"\r\n\r\n",
+        _data({"role": "assistant", "content": ""}) + b"\n\n",
+        _data({}, "stop") + b"\n\n",
+        usage_chunk({"prompt_tokens": 1, "completion_tokens": 2}),
         b"data: [DONE]\n\n",
         b'data: {"error":{"message":"boom"}}\n\n',
         b"data: not json\n\n",
         b"data: [1, 2]\n\n",
         b": keep-alive\n\n",
         b"event: ping\ndata: {}\n\n",
-        b"\xef\xbb\xbfdata: " + _chunk("bom") + b"\n\n",
+        b"\xef\xbb\xbf" + _data({"content": "bom"}) + b"\n\n",
         b'data: {"choices":[{"delta":{"content":"x"}',  # cut short
         b"retry: 10\nid: 7\n\n",
     ]

@@ -640,10 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.scenarios.split(","),
             args.runs,
             Path(tmp),
-            only,
-            args.streams,
-            baseline,
-            args.floor,
+            only=only,
+            streams=args.streams,
+            baseline=baseline,
+            floor=args.floor,
         )
     text = markdown(results)
     print(text)
